@@ -1,0 +1,248 @@
+"""Speech task: audio loading, log-mel features, data sets and splits, augmentation, noise sweep."""
+import logging
+from pathlib import Path
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.speech import datasets as ds
+from tasks.speech.audio import AudioError, fix_length, load_clip, read_wav
+from tasks.speech.augment import Augment
+from tasks.speech.data import ClipSet, NoiseSweep, decode
+from tasks.speech.features import LogMel, mel_filterbank
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSC = DATA / "speech_commands_v0.02_test"
+FSDD = DATA / "fsdd"
+needs_gsc = pytest.mark.skipif(not GSC.is_dir(), reason="shared Speech Commands copy not present")
+needs_fsdd = pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD copy not present")
+
+
+def write_wav(path, x, rate):
+    """float samples in [-1, 1], shape (n,) or (n, channels) -> 16-bit PCM file."""
+    x = np.asarray(x, dtype=np.float64)
+    pcm = np.clip(np.round(x * 32767), -32768, 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1 if x.ndim == 1 else x.shape[1])
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    return path
+
+
+def tone(freq, seconds, rate, amp=0.5):
+    return amp * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
+
+
+# --- audio loading -------------------------------------------------------------------------
+
+def test_stereo_is_mixed_down_and_8k_is_resampled_to_16k(tmp_path):
+    left, right = tone(440, 0.5, 8000), tone(440, 0.5, 8000, amp=0.1)
+    path = write_wav(tmp_path / "s.wav", np.stack([left, right], 1), 8000)
+    x, rate = read_wav(path)
+    assert rate == 8000 and x.shape == (4000,) and x.dtype == np.float32
+    np.testing.assert_allclose(x, (left + right) / 2, atol=1e-4)
+    y = load_clip(path, 16000, 16000)
+    assert y.shape == (16000,)
+    # 0.5 s of a 440 Hz tone centred in a 1 s clip: the spectral peak stays at 440 Hz.
+    spectrum = np.abs(np.fft.rfft(y[4000:12000]))
+    assert abs(np.argmax(spectrum) * 16000 / 8000 - 440) <= 2
+    assert np.all(y[:3900] == 0) and np.all(y[12100:] == 0)
+
+
+def test_fix_length_pads_and_crops_around_the_centre():
+    x = np.arange(1, 5, dtype=np.float32)
+    np.testing.assert_array_equal(fix_length(x, 8), [0, 0, 1, 2, 3, 4, 0, 0])
+    np.testing.assert_array_equal(fix_length(x, 2), [2, 3])
+
+
+def test_bad_files_raise_errors_naming_the_file(tmp_path):
+    empty = write_wav(tmp_path / "empty.wav", np.zeros(0), 16000)
+    truncated = write_wav(tmp_path / "cut.wav", tone(300, 0.2, 16000), 16000)
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    text = tmp_path / "text.wav"
+    text.write_text("not audio")
+    eight_bit = tmp_path / "u8.wav"
+    with wave.open(str(eight_bit), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(1), f.setframerate(8000), f.writeframes(bytes(100))
+    for path, why in [(empty, "no samples"), (truncated, "truncated"), (text, "not a readable wav"),
+                      (eight_bit, "8-bit")]:
+        with pytest.raises(AudioError, match=why) as e:
+            read_wav(path)
+        assert str(path) in str(e.value)
+
+
+def test_decode_stops_on_a_bad_file_or_skips_and_counts_it(tmp_path, caplog):
+    good = write_wav(tmp_path / "a" / "good.wav", tone(300, 0.3, 16000), 16000)
+    bad = tmp_path / "a" / "bad.wav"
+    bad.write_bytes(b"RIFF")
+    clips = [ds.Clip(good, "a", "s1", "train"), ds.Clip(bad, "a", "s2", "train")]
+    with pytest.raises(AudioError, match="skip_bad_files") as e:
+        decode(clips, [0, 0], 16000, 16000, skip_bad_files=False)
+    assert str(bad) in str(e.value)
+    with caplog.at_level(logging.WARNING):
+        kept = decode(clips, [0, 1], 16000, 16000, skip_bad_files=True)
+    assert len(kept) == 1 and kept.labels.tolist() == [0]
+    assert "skipped 1 unreadable" in caplog.text and str(bad) in caplog.text
+
+
+# --- features --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", ["slaney", "htk"])
+def test_mel_filterbank_matches_librosa(scale):
+    librosa = pytest.importorskip("librosa")
+    ours = mel_filterbank(16000, 512, 40, 20.0, 7600.0, scale).numpy()
+    ref = librosa.filters.mel(sr=16000, n_fft=512, n_mels=40, fmin=20.0, fmax=7600.0, htk=scale == "htk")
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-7)  # float32 rounding of values <= 0.02
+
+
+@needs_gsc
+def test_log_mel_of_a_real_clip_matches_librosa_power_spectrogram():
+    librosa = pytest.importorskip("librosa")
+    y = load_clip(next((GSC / "yes").glob("*.wav")), 16000, 16000)
+    ours = LogMel(normalize="none")(torch.from_numpy(y)[None])[0].numpy()
+    power = np.abs(librosa.stft(y.astype(np.float64), n_fft=512, hop_length=160, win_length=400,
+                                window="hann", center=True, pad_mode="constant")) ** 2
+    ref = np.log(librosa.filters.mel(sr=16000, n_fft=512, n_mels=40, fmin=20.0) @ power + 1e-6).T
+    assert ours.shape == ref.shape == (101, 40)
+    # float32 STFT vs float64: log-mel agrees to 1e-3 nats everywhere (measured ~1e-5).
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-3)
+
+
+def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
+    rng = np.random.default_rng(0)
+    audio = torch.from_numpy(rng.uniform(-0.5, 0.5, (3, 8000)).astype(np.float32))
+    audio[1] *= 0.01  # a quiet clip gets frames on the same scale as a loud one
+    m = LogMel(n_mels=32)
+    x = m(audio)
+    assert x.shape == (3, m.num_frames(8000), 32) == (3, 51, 32)
+    torch.testing.assert_close(x[1], m(audio[1:2])[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.mean((1, 2)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std((1, 2)), torch.ones(3), atol=1e-3, rtol=0)
+    d = LogMel(n_mels=32, deltas=True)(audio)
+    assert d.shape == (3, 51, 64)
+    torch.testing.assert_close(d[:, 1, 32:], (x[:, 2] - x[:, 0]) / 2)
+
+
+# --- data sets and splits --------------------------------------------------------------------
+
+def fake_gsc(root, speakers=12):
+    """A v0.02-like tree: 3 command words + 1 other word, `_silence_`, 2 takes per speaker."""
+    for s in range(speakers):
+        spk = f"{s:08x}"
+        for word in ("yes", "no", "go", "bed"):
+            for n in range(2):
+                write_wav(root / word / f"{spk}_nohash_{n}.wav", tone(200 + 50 * n, 0.1, 16000), 16000)
+    for n in range(3):
+        write_wav(root / "_silence_" / f"{n}.wav", np.zeros(1600), 16000)
+    return root
+
+
+def test_speech_commands_splits_by_speaker_and_uses_the_lists_when_present(tmp_path):
+    root = fake_gsc(tmp_path / "gsc")
+    clips = ds.speech_commands(root)
+    assert len(clips) == 12 * 4 * 2 + 3
+    by_speaker = {}
+    for c in clips:
+        by_speaker.setdefault(c.speaker, set()).add(c.split)
+    assert all(len(s) == 1 for s in by_speaker.values())  # speaker-disjoint
+    assert clips == ds.speech_commands(root)  # deterministic
+    (root / "validation_list.txt").write_text("yes/00000000_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("no/00000001_nohash_1.wav\n")
+    listed = ds.speech_commands(root)
+    assert [c.path.name for c in listed if c.split == "val"] == ["00000000_nohash_0.wav"]
+    assert [(c.word, c.path.name) for c in listed if c.split == "test"] == [("no", "00000001_nohash_1.wav")]
+
+
+def test_hash_split_is_the_readme_rule():
+    # Values from the TensorFlow `which_set` formula on sha1(speaker): stable across runs.
+    splits = [ds.hash_split(f"{s:08x}", 10, 10) for s in range(2000)]
+    share = {k: splits.count(k) / 2000 for k in ds.SPLITS}
+    assert 0.77 < share["train"] < 0.83 and 0.08 < share["val"] < 0.12 and 0.08 < share["test"] < 0.12
+
+
+@needs_gsc
+def test_shipped_test_set_is_split_speaker_disjoint_with_12_balanced_classes():
+    clips = ds.speech_commands(GSC)
+    assert len(clips) == 4890
+    assert {c.word for c in clips if c.path.parent.name == "_unknown_"} >= {"backward", "bed", "zero"}
+    balanced = ds.balance_gsc(clips, GSC, 16000, 16000, unknown_percent=10, silence_percent=10)
+    sizes = {s: sum(c.split == s for c in balanced) for s in ds.SPLITS}
+    assert sizes == {"train": 3992, "val": 482, "test": 415}
+    speakers = {s: {c.speaker for c in balanced if c.split == s and c.word != ds.SILENCE} for s in ds.SPLITS}
+    assert not (speakers["train"] & speakers["val"] or speakers["train"] & speakers["test"]
+                or speakers["val"] & speakers["test"])
+    labels = {ds.gsc_label(c.word, "12") for c in balanced if c.split == "test"}
+    assert labels == {*ds.GSC_WORDS, ds.SILENCE, ds.UNKNOWN}
+    assert len({ds.gsc_label(c.word, "full") for c in clips}) == 36  # 35 words + _silence_
+
+
+def test_silence_is_cut_from_background_noise_when_no_silence_folder(tmp_path):
+    root = fake_gsc(tmp_path / "gsc")
+    for p in (root / "_silence_").iterdir():
+        p.unlink()
+    (root / "_silence_").rmdir()
+    write_wav(root / ds.NOISE_DIR / "white.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 48000), 16000)
+    clips = ds.balance_gsc(ds.speech_commands(root), root, 16000, 16000, None, silence_percent=50)
+    silence = [c for c in clips if c.word == ds.SILENCE]
+    n_cmd = sum(c.word in ds.GSC_WORDS for c in clips)
+    assert len(silence) >= n_cmd // 2 and all(c.path.parent.name == ds.NOISE_DIR for c in silence)
+    audio = decode(silence, [0] * len(silence), 16000, 16000, False).audio
+    assert audio.shape == (len(silence), 16000) and (audio.abs().amax(1) > 0).sum() >= len(silence) - 1
+
+
+@needs_fsdd
+def test_fsdd_official_and_held_out_speaker_splits():
+    clips = ds.fsdd(FSDD)
+    assert {s: sum(c.split == s for c in clips) for s in ds.SPLITS} == {"train": 2400, "val": 300, "test": 300}
+    assert all(int(c.path.stem.split("_")[2]) < 5 for c in clips if c.split == "test")
+    held = ds.fsdd(FSDD, "speaker")
+    assert {c.speaker for c in held if c.split == "test"} == {"theo"}
+    assert "theo" not in {c.speaker for c in held if c.split != "test"}
+
+
+def test_folder_dataset_and_missing_data_errors(tmp_path):
+    for cls in ("a", "b"):
+        for n in range(20):
+            write_wav(tmp_path / "f" / cls / f"clip{n}.wav", tone(100, 0.05, 8000), 8000)
+    clips = ds.folder(tmp_path / "f")
+    assert len(clips) == 40 and {c.split for c in clips} == set(ds.SPLITS)
+    with pytest.raises(FileNotFoundError, match="speech_commands_v0.02_test") as e:
+        ds.find_root("speech_commands", tmp_path / "nowhere")
+    assert "download=true" in str(e.value)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "f" / "a")):
+        ds.folder(tmp_path / "f" / "a")
+
+
+# --- augmentation and noise ------------------------------------------------------------------
+
+def test_augmentation_only_in_training_and_reproducible():
+    audio = torch.from_numpy(tone(300, 1.0, 16000).astype(np.float32)).repeat(4, 1)
+    aug = Augment(noise=torch.rand(50000) * 2 - 1, noise_prob=1.0)
+    assert torch.equal(aug.eval()(audio), audio)
+    aug.train()
+    torch.manual_seed(0)
+    a = aug(audio)
+    torch.manual_seed(0)
+    assert torch.equal(a, aug(audio))
+    assert a.shape == audio.shape and a.abs().max() <= 1 and not torch.allclose(a, audio, atol=1e-3)
+    click = torch.zeros(64, 16000)
+    click[:, 8000] = 0.5
+    moved = Augment(gain_db=0, noise_prob=0).train()(click).argmax(1) - 8000
+    assert moved.abs().max() <= 1600 and len(moved.unique()) > 20  # random shifts of <= 100 ms
+
+
+def test_noise_sweep_levels_and_fixed_noise():
+    clips = ClipSet(torch.full((3, 1000), 16384, dtype=torch.int16), torch.tensor([0, 1, 2]))
+    sweep = NoiseSweep(clips, [0.0, 0.25, 0.5], seed=7)
+    assert len(sweep) == 9
+    assert torch.equal(sweep[1]["audio"], torch.full((1000,), 0.5))
+    item = sweep[2 * 3 + 1]  # level 0.5, clip 1
+    assert item["noise_level"] == 2
+    noise = (item["audio"] - 0.25) / 0.5
+    assert noise.min() >= -1 and noise.max() <= 1 and abs(noise.mean()) < 0.1 and 0.5 < noise.std() < 0.65
+    torch.testing.assert_close((sweep[3 + 1]["audio"] - 0.375) / 0.25, noise)  # same noise, other level
+    assert torch.equal(NoiseSweep(clips, [0.0, 0.25, 0.5], seed=7)[7]["audio"], item["audio"])
