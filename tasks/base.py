@@ -1,0 +1,163 @@
+"""The contract every task fulfils (docs/interfaces.md), and a base for resumable streams.
+
+A task bundles data, encoder, head, loss and metrics. Hydra builds it from
+`configs/task/<name>.yaml` (`_target_: tasks.<module>.<Class>`); the LightningModule
+(`predictive.module.PredictiveModule`) only talks to it through the members below, so a
+new task is one subclass and one YAML file.
+
+How the module uses a task, per training batch (a dict of tensors):
+
+    x = task.encoder(batch)                              # (B, T, D)
+    out, state = model(x, state, reset=task.reset_mask(batch), learning=rule)
+    head_out = head(rule.head_features(getattr(out, task.features)))
+    loss = task.loss(head_out, batch) + rule.local_loss_weight * out.local_loss
+    task.update_metrics("train", head_out, batch, out)   # prequential: predicted before learning
+
+and at each epoch end it logs `task.compute_metrics(stage)` and, at the end of the run,
+writes `task.summary()` to summary.json and plots `task.curves()`.
+"""
+
+from abc import ABC, abstractmethod
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+
+class Task(ABC):
+    """Abstract task. Subclasses set the attributes in `__init__` (or as class attributes)
+    and implement the abstract methods.
+
+    Validate settings in `__init__` and raise `ValueError` naming the setting
+    (e.g. "task.stream_length must be > 0, got -3"): the task is built before any training
+    starts, so bad values fail fast. Data paths come from an argument (the configs pass
+    `${paths.data_dir}`), never from a hard-coded location.
+
+    Attributes:
+        streaming: True when batches continue the same B streams: the module carries the
+            model state from one batch to the next (and saves it in checkpoints), and the
+            datamodule must be resumable (see `StreamDataModule`). False: every batch is
+            independent (e.g. one utterance per stream) and starts from a fresh state.
+        encoder: `nn.Module`, batch dict -> x (B, T, D) float on the batch's device. May have
+            parameters (they are trained by the task loss in every learning mode) or none.
+        input_size: D, the encoder's output width.
+        features: which field of the model's output feeds the head:
+            "cells" | "predicted" | "prediction".
+    """
+
+    streaming: bool = False
+    features: str = "cells"
+    encoder: nn.Module
+    input_size: int
+
+    @abstractmethod
+    def datamodule(self) -> L.LightningDataModule:
+        """The data. Batches are dicts of tensors; the module moves them to the device.
+        Streaming tasks return a `StreamDataModule` (or anything meeting its contract).
+        `val_dataloader`/`test_dataloader` are optional: the module runs them when present."""
+
+    def reset_mask(self, batch: dict) -> torch.Tensor | None:
+        """(B, T) bool: True clears that stream's model state before step t (e.g. at a
+        sequence boundary), or None for no resets. Non-streaming tasks need none: each batch
+        starts from a fresh state anyway."""
+        return None
+
+    @abstractmethod
+    def build_head(self, feature_size: int) -> nn.Module:
+        """A fresh head: features (B, T, feature_size) -> the task's output (any shape the
+        task's `loss` and `update_metrics` understand). Called once by the module."""
+
+    @abstractmethod
+    def loss(self, head_out, batch: dict) -> torch.Tensor:
+        """Scalar task loss (differentiable w.r.t. `head_out`)."""
+
+    @abstractmethod
+    def update_metrics(self, stage: str, head_out, batch: dict, out) -> None:
+        """Accumulate metrics for `stage` in {"train", "val", "test"} from one batch; `out` is
+        the model's output (cells, predicted, prediction, anomaly, local_loss), all detached.
+        For streaming tasks "train" metrics are the prequential ones: `head_out` was computed
+        before the model learned from this batch. Keep metric state on the CPU or as
+        torchmetrics (the module does not move tasks between devices)."""
+
+    @abstractmethod
+    def compute_metrics(self, stage: str) -> dict[str, float]:
+        """Metrics of `stage` so far, as plain floats; logged as `<stage>/<name>` at the end
+        of each epoch. Must not reset the accumulated state (the run's final numbers are read
+        again by `summary`)."""
+
+    def summary(self) -> dict:
+        """Final task metrics for summary.json and the comparison report (flat dict; every
+        numeric entry gets a mean +- std column across seeds), e.g. final accuracy, elements
+        to reach 95%. The module adds the last logged metrics, throughput and memory itself."""
+        return {}
+
+    def curves(self) -> dict[str, tuple[list[float], list[float]]]:
+        """Optional learning curves, `{name: (x, y)}` (e.g. {"accuracy": (elements seen,
+        accuracy over the last 100 sequences)}). The module plots each one into the run dir
+        and the logger at the end of a run; the comparison report overlays them per mode."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Metric state a streaming task needs to resume exactly (e.g. the running accuracy
+        window, the curve so far). Saved in checkpoints by the module; default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Base for a streaming task's data: an epoch is `num_chunks` chunks, each one batch of
+    B streams x T steps; chunk i is a pure function of i (and the seed), so any chunk can be
+    produced again.
+
+    Exact resume contract (for any streaming datamodule, subclass of this or not):
+      - `position` counts the training chunks the model has learned from, over the whole run.
+        The LightningModule adds 1 at the end of each `training_step`.
+      - `state_dict()` contains `position`; Lightning saves it in every checkpoint and calls
+        `load_state_dict()` before it iterates the train loader, so a resumed run continues at
+        the next unseen chunk (a plain DataLoader would restart at the beginning of the epoch).
+      - the train loader reads `position` each time it is iterated (every epoch start), has
+        `len() == num_chunks` and yields chunks `position % num_chunks ... num_chunks - 1`.
+    Under DDP each process should stream different data: use `self.trainer.global_rank`
+    (available from `setup`) e.g. to offset the seed.
+
+    Subclasses implement `num_chunks` and `chunk(index)`, and may add val/test loaders.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.position = 0
+
+    @property
+    def num_chunks(self) -> int:
+        raise NotImplementedError
+
+    def chunk(self, index: int) -> dict:
+        """The training batch for chunk `index` of the epoch: a dict of (B, T, ...) tensors."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: chunks are already batches; no workers, so `position` is read live.
+        return DataLoader(_Chunks(self), batch_size=None)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+class _Chunks(IterableDataset):
+    """The remaining chunks of the current epoch, starting where the model left off."""
+
+    def __init__(self, data: StreamDataModule):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.num_chunks
+
+    def __iter__(self):
+        for index in range(self.data.position % self.data.num_chunks, self.data.num_chunks):
+            yield self.data.chunk(index)
