@@ -1,0 +1,152 @@
+"""The high-order sequence stream of Cui, Ahmad & Hawkins 2016 and its prequential metrics.
+
+Numpy only, no model: the task, the tests and `benchmarks/sequence_peers.py` all use these
+same functions, so every system is scored on the same stream by the same definitions.
+
+Protocol (`sequences.json`, field "protocol"): sequences drawn uniformly from a set, each
+followed by one noise element; symbols relabelled by a random permutation per seed; from the
+first sequence that starts at or after element `switch_after` on, the perturbed set (same
+shared middles, endings swapped) is used; one continuous stream, no resets.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# numenta/htmresearch (discrete_sequences/tm/suite.py) draws each noise element from
+# range(numSymbols + 1, numSymbols + 5001): a pool of 5,000 symbols, so a noise element
+# almost never repeats and cannot be learned. We use the same pool size.
+NOISE_SYMBOLS = 5000
+ENDINGS = (1, 2, 4)
+
+
+@dataclass
+class Stream:
+    """One stream of elements. Arrays have one entry per element."""
+
+    symbols: np.ndarray  # int64: 0..num_symbols-1 sequence symbols, num_symbols.. noise
+    scored: np.ndarray  # bool: last element of a sequence (the one that depends on the first)
+    start: np.ndarray  # bool: first element of a sequence (where an optional reset goes)
+    switch: int  # index of the first element of the first perturbed sequence
+    num_symbols: int  # sequence symbols (noise symbols come after them)
+    relabel: np.ndarray  # stream label of each symbol of the sets
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols + NOISE_SYMBOLS
+
+
+def load_sets(path: str | Path, endings: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(normal, perturbed) sequence sets for `endings` possible endings."""
+    if endings not in ENDINGS:
+        raise ValueError(f"task.endings must be one of {ENDINGS}, got {endings}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"high-order sequence sets not found: {path} (set paths.data_dir or PREDICTIVE_DATA_DIR)")
+    try:
+        sets = json.loads(path.read_text())["sets"][str(endings)]
+        return sets["normal"], sets["perturbed"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: not a sequence-set file (expected sets/{endings}/normal|perturbed): {e!r}") from e
+
+
+def generate(
+    normal: list[list[int]],
+    perturbed: list[list[int]],
+    seed: int,
+    length: int = 20000,
+    switch_after: int = 10000,
+) -> Stream:
+    """The stream of `length` elements for one seed (the last sequence may be cut short)."""
+    if length < 1 or switch_after < 0:
+        raise ValueError(f"length must be >= 1 and switch_after >= 0, got {length}, {switch_after}")
+    num_symbols = 1 + max(max(s) for s in normal + perturbed)
+    rng = np.random.default_rng(seed)
+    relabel = rng.permutation(num_symbols)
+    symbols, scored, start = [], [], []
+    switch = None
+    while len(symbols) < length:
+        if switch is None and len(symbols) >= switch_after:
+            switch = len(symbols)
+        sets = normal if switch is None else perturbed
+        seq = relabel[sets[rng.integers(len(sets))]]
+        symbols += [*seq, num_symbols + rng.integers(NOISE_SYMBOLS)]
+        scored += [False] * (len(seq) - 1) + [True, False]
+        start += [True] + [False] * len(seq)
+    return Stream(
+        symbols=np.asarray(symbols[:length], dtype=np.int64),
+        scored=np.asarray(scored[:length]),
+        start=np.asarray(start[:length]),
+        switch=length if switch is None else switch,
+        num_symbols=num_symbols,
+        relabel=relabel,
+    )
+
+
+def is_correct(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Whether each truth is among the top-k of its row of scores (n, num_symbols).
+
+    Ties count against the model: the truth's rank is the number of symbols scoring at least
+    as high, so an empty prediction (all scores equal) is wrong, not right by tie-breaking.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    truth_score = np.take_along_axis(scores, np.asarray(truth)[:, None], axis=1)
+    return (scores >= truth_score).sum(axis=1) <= k
+
+
+def accuracy_curve(positions: np.ndarray, correct: np.ndarray, length: int, window: int = 100) -> np.ndarray:
+    """Per element t: accuracy over the last `window` scored elements at or before t.
+
+    positions: sorted element indices of the scored elements; correct: their outcomes.
+    NaN until `window` scored elements exist.
+    """
+    positions, correct = np.asarray(positions), np.asarray(correct, dtype=np.float64)
+    if positions.shape != correct.shape or np.any(np.diff(positions) <= 0):
+        raise ValueError("positions must be strictly increasing and match correct in shape")
+    count = np.searchsorted(positions, np.arange(length), side="right")  # scored up to t
+    hits = np.concatenate([[0.0], np.cumsum(correct)])
+    curve = np.full(length, np.nan)
+    full = count >= window
+    curve[full] = (hits[count[full]] - hits[count[full] - window]) / window
+    return curve
+
+
+def window_start(positions: np.ndarray, length: int, window: int = 100) -> np.ndarray:
+    """Per element t: index of the oldest scored element in the window at t (-1 if not full)."""
+    positions = np.asarray(positions)
+    count = np.searchsorted(positions, np.arange(length), side="right")
+    return np.where(count >= window, positions[np.maximum(count - window, 0)] if len(positions) else -1, -1)
+
+
+def summarize(
+    positions: np.ndarray, correct: np.ndarray, length: int, switch: int, window: int = 100, span: int = 1000
+) -> dict:
+    """The issue's summary figures for one stream (None where undefined).
+
+    final_accuracy: mean of the curve over the `span` elements before the switch.
+    elements_to_95: elements seen (index + 1) when the curve first reaches 95% of it.
+    recovery_elements: elements from the switch (inclusive) to the first element at which the
+        window holds only post-switch sequences and the curve is back at 95% of it.
+    end_accuracy: mean of the curve over the last `span` elements.
+    """
+    curve = accuracy_curve(positions, correct, length, window)
+
+    def mean(x):
+        return None if len(x) == 0 or np.isnan(x).any() else float(np.mean(x))
+
+    final = mean(curve[max(switch - span, 0) : switch])
+    to_95 = recovery = None
+    if final is not None:
+        target = 0.95 * final
+        reached = np.flatnonzero(curve >= target)  # NaN compares False
+        to_95 = int(reached[0]) + 1 if len(reached) else None
+        after = np.flatnonzero((window_start(positions, length, window) >= switch) & (curve >= target))
+        recovery = int(after[0]) - switch + 1 if len(after) else None
+    return {
+        "final_accuracy": final,
+        "elements_to_95": to_95,
+        "recovery_elements": recovery,
+        "end_accuracy": mean(curve[-span:]),
+    }

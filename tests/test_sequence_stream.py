@@ -1,0 +1,91 @@
+"""The high-order stream generator and the pure metric functions, on inputs whose answers are
+known by hand."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.high_order import NOISE_SYMBOLS, accuracy_curve, generate, is_correct, load_sets, summarize
+
+DATA = Path(os.environ.get("PREDICTIVE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
+SETS = DATA / "high_order_sequences" / "sequences.json"
+needs_data = pytest.mark.skipif(not SETS.is_file(), reason=f"{SETS} not present")
+
+
+@needs_data
+@pytest.mark.parametrize("endings", [1, 2, 4])
+def test_stream_follows_the_protocol(endings):
+    normal, perturbed = load_sets(SETS, endings)
+    s = generate(normal, perturbed, seed=1)
+    n = s.num_symbols
+    assert n == {1: 10, 2: 12, 4: 16}[endings]
+    assert len(s.symbols) == 20000 and s.switch >= 10000
+    assert s.start[s.switch] and not s.start[10000:s.switch].any()  # first boundary at/after 10,000
+    starts = np.flatnonzero(s.start)
+    sets = json.loads(SETS.read_text())["sets"][str(endings)]
+    assert sorted(s.relabel) == list(range(n))
+    original = np.argsort(s.relabel)  # stream label -> set symbol
+    for a, b in zip(starts[:-1], starts[1:]):
+        seq, noise = s.symbols[a : b - 1], s.symbols[b - 1]
+        assert n <= noise < n + NOISE_SYMBOLS  # one noise element after each sequence
+        assert s.scored[b - 2] and s.scored[a:b].sum() == 1  # only the last element is scored
+        assert original[seq].tolist() in sets["perturbed" if a >= s.switch else "normal"], a
+    assert set(s.symbols[~s.scored & (s.symbols < n)]) | set(s.symbols[s.scored]) <= set(range(n))
+
+
+@needs_data
+def test_same_seed_same_stream_other_seed_other_labels():
+    normal, perturbed = load_sets(SETS, 1)
+    a, b, c = generate(normal, perturbed, 0), generate(normal, perturbed, 0), generate(normal, perturbed, 1)
+    assert np.array_equal(a.symbols, b.symbols) and a.switch == b.switch
+    assert not np.array_equal(a.symbols[:50], c.symbols[:50])
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="task.endings"):
+        load_sets(SETS, 3)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_sets(tmp_path / "nowhere.json", 1)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_sets(tmp_path / "bad.json", 1)
+
+
+def test_top_k_correct_ties_count_against():
+    scores = np.array([[0.1, 0.9, 0.0], [0.5, 0.4, 0.1], [0.0, 0.0, 0.0], [0.3, 0.3, 0.1]])
+    truth = np.array([1, 1, 0, 0])
+    assert is_correct(scores, truth, 1).tolist() == [True, False, False, False]
+    assert is_correct(scores, truth, 2).tolist() == [True, True, False, True]
+
+
+def test_accuracy_curve_by_hand():
+    # Scored at elements 1, 3, 4, 8 with outcomes 1, 0, 1, 1; window of 2.
+    curve = accuracy_curve(np.array([1, 3, 4, 8]), np.array([1, 0, 1, 1]), length=10, window=2)
+    expected = [np.nan, np.nan, np.nan, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    np.testing.assert_array_equal(curve, expected)
+    with pytest.raises(ValueError, match="increasing"):
+        accuracy_curve(np.array([3, 1]), np.array([1, 1]), 5)
+
+
+def test_summary_by_hand():
+    # One scored element every 2 elements (odd indices), 40 elements, switch at 20, window 2,
+    # span 4. Outcomes: wrong until element 9, right until the switch, wrong for 3 scored
+    # elements after it, then right.
+    positions = np.arange(1, 40, 2)
+    correct = (positions >= 9) & ~((positions >= 20) & (positions < 26))
+    s = summarize(positions, correct, length=40, switch=20, window=2, span=4)
+    assert s["final_accuracy"] == 1.0  # curve at 16..19 is 1
+    assert s["elements_to_95"] == 12  # window {9, 11} full of hits at element 11
+    # Window {27, 29} is post-switch and all right at element 29: 29 - 20 + 1 elements.
+    assert s["recovery_elements"] == 10
+    assert s["end_accuracy"] == 1.0
+
+
+def test_summary_undefined_parts_are_none():
+    positions = np.arange(0, 30, 3)
+    s = summarize(positions, np.zeros(10, bool), length=30, switch=5, window=4, span=5)
+    assert s["final_accuracy"] is None and s["elements_to_95"] is None and s["recovery_elements"] is None
+    assert s["end_accuracy"] == 0.0
