@@ -246,3 +246,40 @@ def test_noise_sweep_levels_and_fixed_noise():
     assert noise.min() >= -1 and noise.max() <= 1 and abs(noise.mean()) < 0.1 and 0.5 < noise.std() < 0.65
     torch.testing.assert_close((sweep[3 + 1]["audio"] - 0.375) / 0.25, noise)  # same noise, other level
     assert torch.equal(NoiseSweep(clips, [0.0, 0.25, 0.5], seed=7)[7]["audio"], item["audio"])
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+def test_speech_task_on_a_folder_data_set(tmp_path):
+    from tasks.speech.task import SpeechTask
+
+    for cls, freq in (("low", 300), ("high", 2000)):
+        for n in range(40):
+            write_wav(tmp_path / "d" / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
+    task = SpeechTask(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, segments=2,
+                      noise_levels=[0.0, 0.5], output_dir=tmp_path / "out", batch_size=8)
+    assert task.classes == ["high", "low"] and task.input_size == 20 and not task.streaming
+    data = task.datamodule()
+    data.setup()
+    batch = next(iter(data.test_dataloader()))
+    x = task.encoder.eval()(batch)
+    assert x.shape == (8, 51, 20)
+    reset = task.reset_mask(batch)
+    assert reset.shape == (8, 51) and reset[:, 0].all() and not reset[:, 1:].any()
+    head = task.build_head(7)
+    logits = head(torch.randn(8, 51, 7))
+    assert logits.shape == (8, 2) and task.loss(logits, batch).item() > 0
+    # Perfect answers on clean clips, always "high" on noisy ones: the sweep counts both.
+    n_test = len(data.sets["test"])
+    for b in data.test_dataloader():
+        answer = torch.where(b["noise_level"] == 0, b["label"], torch.zeros_like(b["label"]))
+        task.update_metrics("test", torch.nn.functional.one_hot(answer, 2).float(), b, None)
+    metrics = task.compute_metrics("test")
+    n_high = int((data.sets["test"].labels == 0).sum())
+    assert metrics["accuracy"] == 1.0 and metrics["noise_score"] == n_test + n_high
+    assert task.compute_metrics("test") == metrics  # computing again changes nothing
+    summary = task.summary()
+    assert summary["test_accuracy"] == 1.0 and summary["noise_accuracy_by_level"]["0.5"] == n_high / n_test
+    assert (tmp_path / "out" / "confusion_test.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="task.dataset"):
+        SpeechTask(dataset="timit", root=tmp_path / "d")

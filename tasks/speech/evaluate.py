@@ -1,0 +1,49 @@
+"""Test a trained speech model again: accuracy, confusion matrix and the noise sweep.
+
+    python -m tasks.speech.evaluate ckpt=outputs/speech/<run>/checkpoints/last.ckpt [key=value ...]
+
+The run's own config (`<run>/.hydra/config.yaml`) rebuilds task, model and learning rule;
+`key=value` overrides it (e.g. `task.noise_levels=[0,0.1,0.2]`, `paths.data_dir=/data`,
+`trainer.accelerator=gpu`). Results go to `<run>/evaluate/` (confusion_test.png/json) and
+`<run>/evaluate/summary.json`, and are printed.
+"""
+import json
+from pathlib import Path
+import sys
+
+from hydra.utils import instantiate
+import lightning as L
+from omegaconf import OmegaConf
+
+from predictive.module import PredictiveModule
+
+
+def evaluate(ckpt: str, overrides: list[str]) -> dict:
+    ckpt = Path(ckpt)
+    run_dir = ckpt.resolve().parent.parent
+    config = run_dir / ".hydra" / "config.yaml"
+    if not ckpt.is_file() or not config.is_file():
+        raise FileNotFoundError(f"ckpt={ckpt}: need the checkpoint and its run's {config}")
+    cfg = OmegaConf.load(config)
+    out_dir = run_dir / "evaluate"
+    # The saved config refers to Hydra's run dir, which only exists inside a Hydra app.
+    cfg.paths.output_dir = str(out_dir)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    L.seed_everything(cfg.seed)
+    task = instantiate(cfg.task)
+    model = instantiate(cfg.model, input_size=task.input_size)
+    module = PredictiveModule(task, model, instantiate(cfg.learning.rule), instantiate(cfg.optimizer),
+                              cfg.learning.gradient_clip_val)
+    trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(out_dir))
+    trainer.test(module, datamodule=task.datamodule(), ckpt_path=str(ckpt))
+    summary = task.summary()
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if a.startswith("ckpt="))
+    if "ckpt" not in args:
+        sys.exit(__doc__)
+    result = evaluate(args["ckpt"], [a for a in sys.argv[1:] if not a.startswith("ckpt=")])
+    print(json.dumps({k: result[k] for k in ("test_accuracy", "noise_score", "noise_accuracy_by_level")}, indent=2))

@@ -1,0 +1,176 @@
+"""SpeechTask: spoken-word classification from raw audio, one log-mel frame per time step."""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from tasks.base import Task
+
+from . import datasets as ds
+from .augment import Augment
+from .audio import read_wav, resample
+from .data import SpeechData
+from .features import LogMel
+from .head import SegmentPoolHead
+
+log = logging.getLogger(__name__)
+
+
+class SpeechEncoder(nn.Module):
+    """batch["audio"] (B, samples) -> (B, frames, n_mels) log-mel frames, augmented in training."""
+
+    def __init__(self, augment: Augment, logmel: LogMel):
+        super().__init__()
+        self.augment, self.logmel = augment, logmel
+        self.output_size = logmel.output_size
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.logmel(self.augment(batch["audio"]))
+
+
+class SpeechTask(Task):
+    streaming = False
+    features = "cells"
+
+    def __init__(self, dataset="fsdd", data_dir="data", root=None, download=False,
+                 vocabulary="12", split="official", val_percent=10.0, test_percent=10.0,
+                 unknown_percent=10.0, silence_percent=10.0, skip_bad_files=False,
+                 sample_rate=16000, clip_seconds=1.0, n_mels=40, n_fft=512, win_ms=25.0,
+                 hop_ms=10.0, f_min=20.0, f_max=None, mel_scale="slaney", normalize="utterance",
+                 deltas=False, augment=None, segments=4, head_dropout=0.0,
+                 noise_levels=tuple(i / 20 for i in range(11)), noise_seed=0, batch_size=32,
+                 output_dir=None):
+        self.samples = int(round(sample_rate * clip_seconds))
+        self.root = ds.find_root(dataset, data_dir, root, download)
+        if dataset == "speech_commands":
+            if vocabulary not in ("12", "full"):
+                raise ValueError(f"task.vocabulary must be '12' or 'full', got {vocabulary!r}")
+            clips = ds.speech_commands(self.root, val_percent, test_percent)
+            if vocabulary == "12":
+                clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples,
+                                       unknown_percent, silence_percent)
+            label_of = lambda word: ds.gsc_label(word, vocabulary)  # noqa: E731
+        elif dataset == "fsdd":
+            clips, label_of = ds.fsdd(self.root, split), str
+        elif dataset == "folder":
+            clips, label_of = ds.folder(self.root, val_percent, test_percent), str
+        else:
+            raise ValueError(f"task.dataset must be speech_commands | fsdd | folder, got {dataset!r}")
+        if dataset == "speech_commands" and vocabulary == "12":
+            self.classes = [*ds.GSC_WORDS, ds.SILENCE, ds.UNKNOWN]
+        else:
+            self.classes = sorted({label_of(c.word) for c in clips})
+        self._data = SpeechData(clips, {c: i for i, c in enumerate(self.classes)}, label_of,
+                                sample_rate, self.samples, batch_size, skip_bad_files,
+                                noise_levels, noise_seed)
+        logmel = LogMel(sample_rate, n_fft, int(sample_rate * win_ms / 1000),
+                        int(sample_rate * hop_ms / 1000), n_mels, f_min, f_max, mel_scale,
+                        normalize=normalize, deltas=deltas)
+        self.encoder = SpeechEncoder(Augment(sample_rate, noise=self._background(sample_rate),
+                                             **(augment or {})), logmel)
+        self.input_size = self.encoder.output_size
+        self.segments, self.head_dropout = segments, head_dropout
+        self.noise_levels = list(noise_levels)
+        self.output_dir = output_dir
+        n = len(self.classes)
+        self._accuracy = {s: MulticlassAccuracy(n, average="micro") for s in ("train", "val", "test")}
+        self._confusion = MulticlassConfusionMatrix(n)
+        self._level_counts = torch.zeros(len(self.noise_levels), 2, dtype=torch.long)  # correct, total
+        self._results: dict = {}
+        self._computed: set[str] = set()
+
+    def _background(self, sample_rate):
+        """Speech Commands' `_background_noise_` recordings, joined, for augmentation."""
+        folder = self.root / ds.NOISE_DIR
+        if not folder.is_dir():
+            return None
+        parts = [resample(*read_wav(p), sample_rate) for p in sorted(folder.glob("*.wav"))]
+        return torch.from_numpy(np.concatenate(parts)) if parts else None
+
+    def datamodule(self):
+        return self._data
+
+    def reset_mask(self, batch):
+        """Each clip is its own sequence: clear the state at its first frame."""
+        audio = batch["audio"]
+        mask = torch.zeros(audio.shape[0], self.encoder.logmel.num_frames(audio.shape[1]),
+                           dtype=torch.bool, device=audio.device)
+        mask[:, 0] = True
+        return mask
+
+    def build_head(self, feature_size):
+        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout)
+
+    def loss(self, head_out, batch):
+        return F.cross_entropy(head_out, batch["label"])
+
+    def update_metrics(self, stage, head_out, batch, out):
+        if stage in self._computed:  # a new epoch of this stage: start counting afresh
+            self._computed.discard(stage)
+            self._accuracy[stage].reset()
+            if stage == "test":
+                self._confusion.reset()
+                self._level_counts.zero_()
+        preds, target = head_out.detach().argmax(-1), batch["label"]
+        clean = batch["noise_level"] == 0
+        self._accuracy[stage] = self._accuracy[stage].to(preds.device)
+        if clean.any():
+            self._accuracy[stage].update(preds[clean], target[clean])
+        if stage == "test":
+            self._confusion = self._confusion.to(preds.device)
+            if clean.any():
+                self._confusion.update(preds[clean], target[clean])
+            level = batch["noise_level"].cpu()
+            self._level_counts.index_add_(0, level, torch.stack(
+                [(preds == target).long().cpu(), torch.ones_like(level)], 1))
+
+    def compute_metrics(self, stage):
+        """Accuracy of the epoch so far (test: clean clips, plus the noise sweep); the counts
+        stay until the stage's next epoch starts, so this can be called again."""
+        self._computed.add(stage)
+        metrics = {"accuracy": self._accuracy[stage].compute().item()}
+        if stage == "test":
+            correct, total = self._level_counts.unbind(1)
+            by_level = {f"{a:g}": (c / max(t, 1)) for a, c, t in
+                        zip(self.noise_levels, correct.tolist(), total.tolist())}
+            metrics["noise_score"] = float(correct.sum())  # correct answers over all levels
+            metrics.update({f"noise_accuracy/{a}": v for a, v in by_level.items()})
+            self._results.update(noise_score=int(correct.sum()), noise_accuracy_by_level=by_level,
+                                 confusion_matrix=self._confusion.compute().tolist())
+            self._write_confusion()
+        self._results[f"{stage}_accuracy"] = metrics["accuracy"]
+        return metrics
+
+    def _write_confusion(self):
+        """confusion_test.png and confusion_test.json (rows: truth, columns: answer)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cm = torch.tensor(self._results["confusion_matrix"])
+        out = Path(self.output_dir or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(1 + 0.45 * len(self.classes),) * 2)
+        ax.imshow(cm.numpy(), cmap="Blues")
+        ax.set_xticks(range(len(self.classes)), self.classes, rotation=90)
+        ax.set_yticks(range(len(self.classes)), self.classes)
+        ax.set_xlabel("answer")
+        ax.set_ylabel("truth")
+        if len(self.classes) <= 15:
+            for (i, j), v in zip(torch.cartesian_prod(torch.arange(len(cm)), torch.arange(len(cm))).tolist(),
+                                 cm.flatten().tolist()):
+                ax.text(j, i, v, ha="center", va="center", fontsize=7)
+        fig.tight_layout()
+        self.confusion_png = out / "confusion_test.png"
+        fig.savefig(self.confusion_png, dpi=100)
+        plt.close(fig)
+        (out / "confusion_test.json").write_text(json.dumps({"classes": self.classes, "matrix": cm.tolist()}))
+
+    def summary(self):
+        keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
+        return {k: self._results.get(k) for k in keys} | {"classes": self.classes}
