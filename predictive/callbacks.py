@@ -1,0 +1,146 @@
+"""Glue between a run and its outputs: a wandb logger that never blocks, and the Lightning
+callback that measures throughput and memory and writes summary.json and curve plots."""
+
+import json
+import netrc
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbLogger:
+    """A WandbLogger writing under `save_dir` (the run dir). Unless `offline` or WANDB_MODE
+    says otherwise it goes online only when there are credentials and the server answers
+    within 2 s, so that a run without an account or network never waits or fails."""
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun") or not _wandb_reachable()
+    if offline and os.environ.get("WANDB_MODE") != "disabled":
+        os.environ["WANDB_MODE"] = "offline"  # also for processes wandb starts itself
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)
+
+
+def _wandb_reachable() -> bool:
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            if netrc.netrc().authenticators(host) is None:
+                return False
+        except (OSError, netrc.NetrcParseError):
+            return False
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+class RunSummary(L.Callback):
+    """Measures training throughput and peak memory; at the end of fit (and again after test)
+    writes `summary.json`: `info` (task, learning, model, seed), the last logged metrics,
+    `task.summary()`, `steps_per_second` (training batches/s), `time_steps_per_second`
+    (B x T per second), `train_seconds` and `peak_memory_mb` (GPU: max allocated; CPU: the
+    process's peak resident set during training). For streaming tasks it also plots
+    `task.curves()` to `curve_<name>.png`, keeps them in `curves.json` (for the comparison
+    report) and sends the plots to the logger."""
+
+    def __init__(self, output_dir: str, info: dict | None = None):
+        self.output_dir = Path(output_dir)
+        self.info = dict(info or {})
+        self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        else:
+            _reset_peak_rss()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._steps_before = pl_module.time_steps
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.seconds += time.perf_counter() - self._start
+        self.batches += 1
+        self.time_steps += pl_module.time_steps - self._steps_before
+
+    def on_train_end(self, trainer, pl_module):
+        self.peak_memory_mb = _peak_memory_mb(pl_module.device)
+        self.write(trainer, pl_module)
+        self.plot_curves(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self.write(trainer, pl_module)
+
+    def summary(self, trainer, pl_module) -> dict:
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        seconds = max(self.seconds, 1e-9)
+        return {
+            **self.info,
+            **metrics,
+            **pl_module.task.summary(),
+            "steps_per_second": self.batches / seconds,
+            "time_steps_per_second": self.time_steps / seconds,
+            "train_seconds": self.seconds,
+            "peak_memory_mb": getattr(self, "peak_memory_mb", None) or _peak_memory_mb(pl_module.device),
+        }
+
+    @rank_zero_only
+    def write(self, trainer, pl_module):
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        summary = self.summary(trainer, pl_module)
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+    @rank_zero_only
+    def plot_curves(self, trainer, pl_module):
+        curves = pl_module.task.curves()
+        if not curves:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display on servers
+        import matplotlib.pyplot as plt
+
+        as_lists = {k: [list(x), list(y)] for k, (x, y) in curves.items()}
+        (self.output_dir / "curves.json").write_text(json.dumps(as_lists))
+        for name, (x, y) in curves.items():
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(x, y)
+            ax.set(xlabel="elements seen", ylabel=name, title=f"{name} ({self.info.get('learning', '')})")
+            ax.grid(alpha=0.3)
+            path = self.output_dir / f"curve_{name}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"curves/{name}", images=[str(path)])
+
+
+def _reset_peak_rss():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so a run in a multirun
+    # process reports its own peak, not the largest of the runs before it.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,0 +1,186 @@
+"""The one LightningModule: task encoder -> sequence model -> task head, for every task and
+learning mode.
+
+Optimization is manual: one optimizer holds every trainable parameter (docs/interfaces.md)
+and the learning rule decides, by where gradients are cut, what the loss reaches. In local
+mode the temporal-memory layers learn inside the forward pass by explicit rules, so their
+parameters get no gradient and the optimizer skips them; the head learns from detached
+features.
+
+Streaming tasks carry the model state of their B streams from one batch to the next; the
+state, the task's metric state and the RNG states go into every checkpoint so that a resumed
+run continues exactly where it stopped (the stream position is the datamodule's, see
+`tasks.base.StreamDataModule`).
+"""
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+
+class PredictiveModule(L.LightningModule):
+    """Args:
+        task: a `tasks.base.Task`.
+        model: a sequence model (`PredictiveStack`, `LSTMModel`), see docs/interfaces.md.
+        rule: a `predictive.learning.LearningRule`.
+        optimizer: a factory `params -> torch.optim.Optimizer` (Hydra `_partial_`).
+        gradient_clip_val: clip the global gradient norm to this (None: no clipping).
+    """
+
+    def __init__(self, task, model: nn.Module, rule, optimizer, gradient_clip_val: float | None = None):
+        super().__init__()
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"learning.gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
+        self.automatic_optimization = False
+        self.task, self.rule, self.make_optimizer = task, rule, optimizer
+        self.gradient_clip_val = gradient_clip_val
+        self.encoder, self.model = task.encoder, model
+        # "prediction" is the model's decoded next input, so it is as wide as the input.
+        feature_size = task.input_size if task.features == "prediction" else model.output_size
+        self.head = task.build_head(feature_size)
+        self.stream_state = None  # streaming tasks: the B streams' model state between batches
+        self.time_steps = 0  # B x T summed over training batches (throughput)
+        self._rng_to_restore = None
+
+    def configure_optimizers(self):
+        return self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+
+    def run(self, batch: dict, state, learn: bool):
+        """encoder -> model -> head over one batch; returns (head_out, out, new state)."""
+        x = self.encoder(batch)
+        check_finite(x, "encoded input")
+        reset = self.task.reset_mask(batch)
+        out, state = self.model(x, state, reset=reset, learning=self.rule if learn else None)
+        head_out = self.head(self.rule.head_features(getattr(out, self.task.features)))
+        self.time_steps += x.shape[0] * x.shape[1] if learn else 0
+        return head_out, out, state
+
+    def initial_state(self, batch: dict):
+        batch_size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+        return self.model.initial_state(batch_size, self.device)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if self._rng_to_restore is not None:  # resumed: continue the RNG streams of the stopped run
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        state = self.initial_state(batch)
+        if self.task.streaming and self.stream_state is not None:
+            state = {k: v.to(self.device) for k, v in self.stream_state.items()}
+        head_out, out, state = self.run(batch, state, learn=True)
+        task_loss = self.task.loss(head_out, batch)
+        loss = task_loss + self.rule.local_loss_weight * out.local_loss
+        check_finite(loss, f"loss (task loss {task_loss.item():.4g}, local loss {float(out.local_loss):.4g})")
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+        self.task.update_metrics("train", detach(head_out), batch, detach(out))
+        if self.task.streaming:
+            self.stream_state = self.model.detach_state(state)
+            self.trainer.datamodule.position += 1  # this chunk is learned: a resume starts after it
+        if self.trainer.world_size > 1:
+            self.average_model()
+        self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
+                       "train/local_loss": out.local_loss.detach().float()}, prog_bar=True)
+        if self.task.streaming and (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
+            self.log_task_metrics("train")  # the prequential curve, as it goes
+        return loss.detach()
+
+    def on_train_epoch_end(self):
+        self.log_task_metrics("train")
+
+    def evaluate(self, stage: str, batch: dict):
+        """Validation and test: independent batches from a fresh state; the model does not learn."""
+        head_out, out, _ = self.run(batch, self.initial_state(batch), learn=False)
+        self.log(f"{stage}/loss", self.task.loss(head_out, batch), batch_size=len(next(iter(batch.values()))))
+        self.task.update_metrics(stage, head_out, batch, out)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        self.evaluate("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int):
+        self.evaluate("test", batch)
+
+    def on_validation_epoch_end(self):
+        self.log_task_metrics("val")
+
+    def on_test_epoch_end(self):
+        self.log_task_metrics("test")
+
+    def log_task_metrics(self, stage: str):
+        metrics = {f"{stage}/{k}": float(v) for k, v in self.task.compute_metrics(stage).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # Every process computes its own streams' metrics; the logged value is their mean.
+        self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
+
+    @torch.no_grad()
+    def average_model(self):
+        """DDP: the processes learn different streams, and in local mode nothing synchronizes
+        them (DDP only averages gradients), so after every chunk the model's floating-point
+        parameters and buffers are averaged and the integer ones (e.g. synapse indices) taken
+        from process 0, keeping one model across processes. Under backprop the gradients were
+        already averaged; this only aligns buffers such as duty cycles."""
+        strategy = self.trainer.strategy
+        tensors = self.model.state_dict(keep_vars=True)
+        others = {}
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                t.data.copy_(strategy.reduce(t.detach().clone(), reduce_op="mean"))
+            else:
+                others[name] = t.detach()
+        for name, t in strategy.broadcast(others, src=0).items():
+            tensors[name].data.copy_(t)
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        checkpoint["stream_state"] = self.stream_state
+        checkpoint["task_state"] = self.task.state_dict()
+        checkpoint["rng"] = get_rng_state()
+        checkpoint["time_steps"] = self.time_steps
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        self.stream_state = checkpoint.get("stream_state")
+        self.task.load_state_dict(checkpoint.get("task_state", {}))
+        self._rng_to_restore = checkpoint.get("rng")
+        self.time_steps = checkpoint.get("time_steps", 0)
+
+
+def check_finite(t: torch.Tensor, what: str):
+    """Stop the run on NaN/inf rather than train on garbage."""
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"non-finite values (NaN or inf) in the {what}; stopping the run")
+
+
+def detach(x):
+    """Detach a tensor, or every tensor field of a dataclass output (the model's `out`)."""
+    if torch.is_tensor(x):
+        return x.detach()
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(**{k: detach(getattr(x, k)) for k in x.__dataclass_fields__})
+    return x
+
+
+def get_rng_state() -> dict:
+    # Plain tensors and lists, so that checkpoints load with torch.load(weights_only=True).
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))

@@ -1,0 +1,157 @@
+"""Compare runs: mean +- std per learning mode and model of every numeric summary metric,
+as a markdown table and PNG plots, readable without W&B.
+
+    python -m predictive.report multirun/sequence/2026-01-01_12-00-00   # any dir holding runs
+
+A run is any folder below DIR with a summary.json (written by every `train.py` run); its
+`learning` and `model` entries name its row, and its curves.json (streaming tasks) gives
+the learning curves. `train.py -m` writes the report itself at the end of the sweep
+(`ComparisonCallback`, configured under hydra.callbacks in configs/config.yaml).
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hydra.experimental.callback import Callback
+
+KEYS = ("task", "learning", "model")
+HEADLINE = ("steps_per_second", "time_steps_per_second", "peak_memory_mb")
+
+
+def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per run (its summary.json), and each run's curves {run dir: {name: (x, y)}}."""
+    rows, curves = [], {}
+    for path in sorted(root.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        summary["run"] = str(path.parent.relative_to(root))
+        rows.append(summary)
+        if (path.parent / "curves.json").exists():
+            curves[summary["run"]] = json.loads((path.parent / "curves.json").read_text())
+    if not rows:
+        raise FileNotFoundError(f"no summary.json under {root}")
+    runs = pd.DataFrame(rows)
+    for key in KEYS:
+        if key not in runs:
+            runs[key] = "?"
+    return runs, curves
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """Numeric metrics, throughput and memory last."""
+    numeric = [c for c in runs.columns if c not in (*KEYS, "seed", "run") and is_numeric(runs[c])]
+    return [c for c in numeric if c not in HEADLINE] + [c for c in HEADLINE if c in numeric]
+
+
+def is_numeric(column: pd.Series) -> bool:
+    values = column.dropna()
+    return len(values) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def table(runs: pd.DataFrame) -> pd.DataFrame:
+    """mean +- std over runs (seeds) for each (task, learning, model)."""
+    columns = metric_columns(runs)
+    grouped = runs.groupby(list(KEYS), sort=True)
+    out = grouped[columns].agg(lambda c: fmt(pd.to_numeric(c, errors="coerce")))
+    out.insert(0, "runs", grouped.size())
+    return out.reset_index()
+
+
+def fmt(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    mean, std = values.mean(), values.std(ddof=0)
+    digits = max(3 - int(math.floor(math.log10(abs(mean)))) if mean else 3, 0)
+    return f"{mean:.{min(digits, 6)}f} ± {std:.{min(digits, 6)}f}"
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = runs.assign(label=runs["learning"].astype(str) + "/" + runs["model"].astype(str))
+    labels = sorted(runs["label"].unique())
+    written = []
+    metrics = metric_columns(runs)
+    if metrics:  # one bar chart per metric: mean and std over seeds per mode
+        cols = min(4, len(metrics))
+        rows = math.ceil(len(metrics) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+        for ax, metric in zip(axes.flat, metrics):
+            values = [pd.to_numeric(runs.loc[runs.label == lab, metric], errors="coerce").dropna() for lab in labels]
+            ax.bar(labels, [v.mean() if len(v) else np.nan for v in values],
+                   yerr=[v.std(ddof=0) if len(v) else 0 for v in values], capsize=3)
+            ax.set_title(metric, fontsize=9)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.axis("off")
+        fig.tight_layout()
+        written.append(out / "metrics.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    names = sorted({name for run in curves.values() for name in run})
+    for name in names:  # learning curves: one line per run, one colour per mode
+        fig, ax = plt.subplots(figsize=(7, 4))
+        colours = {lab: f"C{i}" for i, lab in enumerate(labels)}
+        for lab in labels:
+            for i, run in enumerate(runs.loc[runs.label == lab, "run"]):
+                if name in curves.get(run, {}):
+                    x, y = curves[run][name]
+                    ax.plot(x, y, color=colours[lab], alpha=0.7, label=lab if i == 0 else None)
+        ax.set(xlabel="elements seen", ylabel=name, title=f"{name} per learning mode")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(out / f"curve_{name}.png")
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+def write_report(root: str | Path) -> Path:
+    """Write comparison.md (+ comparison.csv of all runs, + PNGs) into `root`; returns its path."""
+    root = Path(root)
+    runs, curves = load_runs(root)
+    runs.to_csv(root / "runs.csv", index=False)
+    images = plot(runs, curves, root)
+    lines = [f"# Comparison of {len(runs)} runs in {root}", "",
+             "Mean ± std over runs (seeds) of every numeric summary metric; steps/s is training",
+             "batches per second, peak_memory_mb the training process's peak. Per-run values: runs.csv.", "",
+             to_markdown(table(runs)), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    path = root / "comparison.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ComparisonCallback(Callback):
+    """Hydra callback: after a multirun, the comparison of its runs in the sweep dir."""
+
+    def on_multirun_end(self, config, **kwargs):
+        root = Path(config.hydra.sweep.dir)
+        try:
+            print(f"comparison: {write_report(root)}")
+        except FileNotFoundError as e:  # every run failed: nothing to compare, say so
+            print(f"comparison: {e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="a multirun dir (or any dir with run dirs holding summary.json)")
+    print(write_report(parser.parse_args().dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Shared test settings: the data root, wandb offline, and a tiny run of the real
+sequence task for the harness tests (seconds on a CPU)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real data sets beside the repository (../shared/data), unless the caller points elsewhere.
+os.environ.setdefault("PREDICTIVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+os.environ.setdefault("WANDB_MODE", "offline")  # tests never talk to the wandb servers
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# 4 chunks of 20 steps through a 64-column layer: a few seconds per run.
+TINY = [
+    "task=sequence", "task.length=80", "task.switch_after=40", "task.chunk=20",
+    "task.code_size=128", "task.code_active=8",
+    "model.columns=64", "model.cells=4", "model.active_columns=4",
+    "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=1",
+    "trainer.log_every_n_steps=1", "logger=csv",
+]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

@@ -1,0 +1,167 @@
+"""The training harness: configs compose, runs write what they promise, resume is exact, bad
+settings fail early, wandb stays offline under the run dir, a multirun writes a comparison."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from itertools import product
+
+import pytest
+import torch
+from conftest import ROOT, TINY
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+import train
+from predictive import report
+
+GROUPS = {g: sorted(p.stem for p in (ROOT / "configs" / g).glob("*.yaml")) for g in
+          ("task", "model", "learning", "trainer", "logger")}
+TIMING = ("steps_per_second", "time_steps_per_second", "train_seconds", "peak_memory_mb", "us_per_element")
+
+
+def config(out, *overrides, base=TINY):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[*base, f"paths.output_dir={out}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as @hydra.main does: ${hydra:...} resolves
+    with open_dict(cfg):
+        del cfg.hydra  # ... and the job's config has no hydra node
+    return cfg
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_combination_composes(tmp_path):
+    assert {"sequence", "speech", "taxi"} <= set(GROUPS["task"])
+    assert {"local", "backprop", "hybrid"} == set(GROUPS["learning"])
+    assert {"stack", "lstm"} <= set(GROUPS["model"]) and {"cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
+    # trainer and logger are independent of the rest: pair each with one combination.
+    runtime = list(product(GROUPS["trainer"], GROUPS["logger"]))
+    for i, (task, model, learning) in enumerate(product(GROUPS["task"], GROUPS["model"], GROUPS["learning"])):
+        trainer, logger = runtime[i % len(runtime)]
+        cfg = config(tmp_path, f"task={task}", f"learning={learning}", f"model={model}", f"trainer={trainer}",
+                     f"logger={logger}", base=[])
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert resolved["task"]["_target_"].startswith("tasks.")
+        assert resolved["learning"]["rule"]["name"] == learning
+    assert i + 1 >= len(runtime)  # every trainer x logger pair was used
+    # Each model and rule config matches its constructor.
+    for model in GROUPS["model"]:
+        net = instantiate(config(tmp_path, f"model={model}", base=[]).model, input_size=16)
+        assert net.output_size > 0
+    for learning in GROUPS["learning"]:
+        assert instantiate(config(tmp_path, f"learning={learning}").learning.rule).name == learning
+
+
+def test_help_lists_groups():
+    result = cli("train.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for group, options in GROUPS.items():
+        assert f"{group}: " + ", ".join(options) in result.stdout
+
+
+def test_wrong_override_gets_hydra_error():
+    result = cli("train.py", "learning=nonsense")
+    assert result.returncode != 0
+    assert "Could not find 'learning/nonsense'" in result.stderr
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("optimizer.lr=-0.1", "learning rate"),
+    ("model.active_columns=100", "active_columns"),  # more active columns than the 64 columns
+    ("task.chunk=0", "task.chunk"),
+])
+def test_bad_value_is_a_value_error_naming_it(tmp_path, override, setting):
+    with pytest.raises(ValueError, match=setting):
+        train.train(config(tmp_path, override))
+    assert not (tmp_path / "checkpoints").exists()  # failed before any training
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """An uninterrupted local-mode run; the reference for the resume test."""
+    out = tmp_path_factory.mktemp("local")
+    return out, train.train(config(out, "learning=local"))
+
+
+def check_run(out, summary, learning):
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    written = json.loads((out / "summary.json").read_text())
+    assert written["learning"] == learning and written["task"] == "sequence"
+    for key in ("steps_per_second", "time_steps_per_second", "peak_memory_mb", "train/loss", "final_accuracy"):
+        assert key in written
+    assert written["steps_per_second"] > 0 and written["peak_memory_mb"] > 10
+    assert math.isfinite(written["train/loss"])
+    assert summary["learning"] == learning
+
+
+def test_local_run(local_run):
+    out, summary = local_run
+    check_run(out, summary, "local")
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "train/anomaly" in metrics
+    assert (out / "curve_accuracy.png").exists() and (out / "curves.json").exists()
+    # The model learned by its local rules (its synapses changed) though no gradient reached it.
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["ArrayStreams"]["position"] == 4  # the datamodule's stream position
+    assert ckpt["stream_state"] is not None
+
+
+@pytest.mark.parametrize("learning", ["backprop", "hybrid"])
+def test_gradient_modes_run(tmp_path, learning):
+    check_run(tmp_path, train.train(config(tmp_path, f"learning={learning}", "trainer.max_steps=2")), learning)
+
+
+def test_resume_is_exact(tmp_path, local_run):
+    reference_dir, reference = local_run
+    stopped = tmp_path / "stopped"
+    train.train(config(stopped, "learning=local", "trainer.max_steps=2"))
+    resumed = tmp_path / "resumed"
+    summary = train.train(config(resumed, "learning=local", f"ckpt_path={stopped}/checkpoints/last.ckpt"))
+    assert {k: v for k, v in summary.items() if k not in TIMING} == \
+           {k: v for k, v in reference.items() if k not in TIMING}
+    a = torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    for name, value in a["stream_state"].items():
+        assert torch.equal(value, b["stream_state"][name]), name
+    assert str(a["optimizer_states"]) == str(b["optimizer_states"])
+
+
+def test_non_finite_input_stops_the_run(tmp_path, monkeypatch):
+    from tasks.sequence import SymbolInput
+
+    monkeypatch.setattr(SymbolInput, "forward", lambda self, batch: torch.full((*batch["symbol"].shape, 128), math.nan))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        train.train(config(tmp_path))
+
+
+def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train.train(config(tmp_path, "logger=wandb", "trainer.max_steps=2"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"train/loss" in log and b"train/anomaly" in log  # the metrics are in the run's log
+
+
+def test_multirun_writes_comparison(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("train.py", "-m", *[o for o in TINY if not o.startswith("logger")], "logger=none",
+                 "trainer.max_steps=2", "learning=local,backprop,hybrid", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (sweep / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| sequence |")]
+    assert sorted(row.split(" | ")[1] for row in rows) == ["backprop", "hybrid", "local"]
+    assert "steps_per_second" in table and "±" in table
+    assert (sweep / "metrics.png").exists() and (sweep / "curve_accuracy.png").exists()
+    os.remove(sweep / "comparison.md")
+    assert report.write_report(sweep).read_text() == table  # rebuilt from the run dirs alone

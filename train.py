@@ -1,0 +1,68 @@
+"""Train and evaluate one task with one model and learning mode.
+
+    python train.py                                   # task=sequence model=stack learning=local
+    python train.py task=taxi learning=backprop trainer=gpu
+    python train.py -m task=sequence learning=local,backprop,hybrid seed=0,1,2   # + comparison.md
+    python train.py --help                            # the config groups and their options
+
+Outputs go to the Hydra run dir (outputs/<task>/<time>/): .hydra/config.yaml, checkpoints/last.ckpt,
+summary.json, logs. Resume with `ckpt_path=<run dir>/checkpoints/last.ckpt` (and the same overrides).
+"""
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from omegaconf import DictConfig, OmegaConf
+
+from predictive.callbacks import RunSummary
+from predictive.module import PredictiveModule
+
+
+def build(cfg: DictConfig, name: str, **kwargs):
+    """instantiate(cfg), turning a bad value into a ValueError that names its config group."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise ValueError(f"{name}: {e.__cause__}") from e.__cause__
+        raise
+
+
+def train(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    # Build (and so validate) everything before any training starts.
+    task = build(cfg.task, "task")
+    model = build(cfg.model, "model", input_size=task.input_size)
+    rule = build(cfg.learning.rule, "learning.rule")
+    optimizer = build(cfg.optimizer, "optimizer")
+    optimizer([torch.zeros(1, requires_grad=True)])  # let the optimizer check lr & co. now
+    module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val)
+    datamodule = task.datamodule()
+
+    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
+                                                "model": choices.model, "seed": cfg.seed})
+    logger = build(cfg.logger, "logger") if cfg.logger else False
+    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=[build(cfg.checkpoint, "checkpoint"), summary],
+                    default_root_dir=cfg.paths.output_dir)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.test and is_overridden("test_dataloader", datamodule):
+        trainer.test(module, datamodule=datamodule)
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()  # the next run of a multirun starts its own wandb run
+    return summary.summary(trainer, module)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
