@@ -1,0 +1,143 @@
+"""Dendritic segments: per-unit sets of sparse weight vectors over a context.
+
+Two forms of one idea:
+- `DendriticSegments`: dense weights under a fixed sparse mask, for a context vector of
+  moderate width (active dendrites, Iyer et al. 2022): y = t * sigmoid(u_j* . c).
+- `DistalSegments`: a fixed fan-in of synapses per segment, each an (index, permanence) pair
+  over a wide, sparse activity (HTM's distal segments). The cost of a step grows with the
+  number of synapses, not with the square of the number of cells, and learning re-targets
+  synapses to recently active cells (`grow`).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from predictive.sparse import check_positive, random_mask
+
+
+def select_segment(responses: torch.Tensor) -> torch.Tensor:
+    """The response of each unit's strongest segment by absolute value.
+
+    responses: (B, N, S) -> (B, N)
+    """
+    j = responses.abs().argmax(dim=-1, keepdim=True)
+    return responses.gather(-1, j).squeeze(-1)
+
+
+def dendritic_gate(t: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """Active-dendrites gate: t * sigmoid(u_j* . c), j* = argmax_j |u_j . c|.
+
+    t: (B, N) feedforward values, responses: (B, N, S) -> (B, N)
+    """
+    return t * torch.sigmoid(select_segment(responses))
+
+
+class DendriticSegments(nn.Module):
+    """N units x S segments, each a sparse weight vector over a context of `context_size`."""
+
+    def __init__(self, num_units: int, num_segments: int, context_size: int, sparsity: float = 0.5):
+        super().__init__()
+        check_positive(num_units=num_units, num_segments=num_segments, context_size=context_size)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self.num_units, self.num_segments, self.context_size = num_units, num_segments, context_size
+        self.sparsity = sparsity
+        self.weight = nn.Parameter(torch.empty(num_units, num_segments, context_size))
+        mask = random_mask(num_units * num_segments, context_size, sparsity)
+        self.register_buffer("mask", mask.view_as(self.weight))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / max(1.0, (1.0 - self.sparsity) * self.context_size) ** 0.5
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound).mul_(self.mask)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        # context: (B, context_size) -> responses (B, N, S)
+        if context.shape[-1] != self.context_size:
+            raise ValueError(f"context has width {context.shape[-1]}, expected context_size={self.context_size}")
+        return torch.einsum("bc,nsc->bns", context, self.weight * self.mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_units={self.num_units}, num_segments={self.num_segments}, "
+            f"context_size={self.context_size}, sparsity={self.sparsity}"
+        )
+
+
+def segment_overlap(activity: torch.Tensor, presynaptic: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted overlap of every segment with an activity vector.
+
+    activity: (B, cells); presynaptic: (G, F) cell indices; weights: (G, F) -> (B, G).
+    Cost is B * G * F whichever way; for a few streams a gather is fastest, for many
+    embedding_bag, which sums without a (B, G, F) intermediate.
+    """
+    b, (g, f) = activity.shape[0], presynaptic.shape
+    if b <= 4:
+        gathered = activity.index_select(1, presynaptic.reshape(-1)).view(b, g, f)
+        return (gathered * weights).sum(-1)
+    table = activity.t().contiguous()  # (cells, B): one "embedding" row per presynaptic cell
+    return F.embedding_bag(presynaptic, table, per_sample_weights=weights, mode="sum").t()
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward value `hard`, gradient of `soft`."""
+    return hard + (soft - soft.detach())
+
+
+class DistalSegments(nn.Module):
+    """S segments on each of N cells; each segment has `synapses` (index, permanence) slots.
+
+    A synapse is *connected* when its permanence is at least `connected_permanence`, and
+    *potential* when its permanence is above zero (an empty slot has permanence 0).
+    """
+
+    def __init__(
+        self,
+        num_cells: int,
+        num_segments: int,
+        synapses: int,
+        presynaptic_cells: int | None = None,
+        connected_permanence: float = 0.5,
+    ):
+        super().__init__()
+        check_positive(num_cells=num_cells, num_segments=num_segments, synapses=synapses)
+        if not 0.0 < connected_permanence < 1.0:
+            raise ValueError(f"connected_permanence must be in (0, 1), got {connected_permanence}")
+        self.num_cells, self.num_segments, self.synapses = num_cells, num_segments, synapses
+        self.presynaptic_cells = presynaptic_cells or num_cells
+        self.connected_permanence = connected_permanence
+        g = num_cells * num_segments
+        self.permanence = nn.Parameter(torch.zeros(g, synapses))
+        self.register_buffer("presynaptic", torch.zeros(g, synapses, dtype=torch.long))
+        # Step at which each segment last learned (-1: never used); picks slots for new segments.
+        self.register_buffer("last_learned", torch.full((g,), -1, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Empty segments: all permanences 0, synapse slots pointing at random cells."""
+        with torch.no_grad():
+            self.permanence.zero_()
+            self.presynaptic.random_(0, self.presynaptic_cells)
+            self.last_learned.fill_(-1)
+
+    def forward(self, activity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Connected and potential overlaps of every segment with `activity`.
+
+        activity: (B, presynaptic_cells) -> two (B, N, S): the connected overlap (differentiable
+        in permanence and activity, straight-through at the connection threshold) and the
+        potential overlap (count of synapses with permanence > 0 onto active cells).
+        """
+        p = self.permanence
+        connected = straight_through((p >= self.connected_permanence).to(p.dtype), p)
+        shape = (activity.shape[0], self.num_cells, self.num_segments)
+        active = segment_overlap(activity, self.presynaptic, connected).view(shape)
+        potential = segment_overlap(activity.detach(), self.presynaptic, (p.detach() > 0).to(p.dtype))
+        return active, potential.view(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_cells={self.num_cells}, num_segments={self.num_segments}, synapses={self.synapses}, "
+            f"connected_permanence={self.connected_permanence}"
+        )

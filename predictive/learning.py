@@ -1,0 +1,246 @@
+"""Learning modes: what trains what, and where gradients stop.
+
+| mode     | stack learns from                          | head learns from          | gradient path              |
+|----------|--------------------------------------------|---------------------------|----------------------------|
+| local    | each layer's own next-input prediction     | task loss, detached input | none across layers or time |
+| backprop | the task loss through all layers (BPTT)    | task loss                 | end to end                 |
+| hybrid   | task loss + lambda x layers' local losses, | task loss                 | end to end above the       |
+|          | bottom `local_layers` layers local         |                           | local layers               |
+
+A rule is a small object the stack asks three things: is layer i local (explicit updates,
+input and state detached), how much do the layers' local losses weigh, and does the task
+loss reach the model. A new rule (e-prop, another HTM variant) subclasses `LearningRule`
+and, if it learns by explicit updates, overrides `update`; the layers stay as they are.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from predictive.memory import LayerStep, TemporalMemory
+
+
+@dataclass
+class PredictiveHebbian:
+    """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t.
+
+    - segments that predicted an active cell, and the best matching segment of a bursting
+      column's winner, are reinforced (+increment on synapses from cells active at t-1,
+      -decrement on the others) and grow synapses to the winners of t-1 up to `new_synapses`
+      active ones; a bursting column with no matching segment starts a new segment on its
+      winner (least used cell). A grown synapse starts at `initial_permanence`, above the
+      connection threshold, so a transition seen once is predicted the next time.
+    - matching segments of cells in columns that did not become active are weakened by
+      `predicted_decrement` when the context at t-1 was itself predicted: a confident
+      prediction that failed. A context that burst predicts the union of everything that ever
+      followed it, and most of that union is wrong every time (a symbol followed by several
+      others, or by noise); its segments fade by the smaller `burst_decrement`, so that
+      transitions that recur survive and chance ones (noise followed by a symbol) disappear.
+    - the decoder learns the next input from the predicted columns (normalized delta rule).
+    - the feedforward map moves each active column's weights toward its input (competitive
+      learning) at `feedforward_rate` (0: the column code stays fixed).
+    """
+
+    permanence_increment: float = 0.1
+    permanence_decrement: float = 0.02
+    predicted_decrement: float = 0.1
+    burst_decrement: float = 0.03
+    initial_permanence: float = 0.6
+    new_synapses: int = 20
+    decoder_rate: float = 0.5
+    feedforward_rate: float = 0.0
+
+    def __post_init__(self):
+        rates = ("permanence_increment", "permanence_decrement", "predicted_decrement", "burst_decrement")
+        for name in (*rates, "decoder_rate", "feedforward_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 < self.initial_permanence <= 1.0:
+            raise ValueError(f"initial_permanence must be in (0, 1], got {self.initial_permanence}")
+        if self.new_synapses < 1:
+            raise ValueError(f"new_synapses must be >= 1, got {self.new_synapses}")
+
+    @torch.no_grad()
+    def __call__(self, layer: TemporalMemory, step: LayerStep) -> None:
+        if self.new_synapses > layer.segments.synapses:
+            raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's synapses={layer.segments.synapses}")
+        layer.learning_steps += 1
+        self.learn_segments(layer, step)
+        self.learn_decoder(layer, step)
+        if self.feedforward_rate > 0:
+            self.learn_feedforward(layer, step)
+
+    def learn_segments(self, layer: TemporalMemory, step: LayerStep) -> None:
+        seg, prev = layer.segments, step.prev
+        b, c, m, s = step.x.shape[0], layer.columns, layer.cells_per_column, seg.num_segments
+        prev_active = prev["cells"] > 0  # (B, N)
+        prev_winners = prev["winners"] > 0
+        if not prev_active.any():
+            return  # first step after a reset: no context to learn from
+        active_overlap, potential_overlap = prev["active_overlap"], prev["potential_overlap"]  # (B, N, S)
+        cells = (step.cells > 0).view(b, c, m)
+
+        # Segments that correctly predicted an active cell.
+        correct = (active_overlap >= layer.activation_threshold) & cells.view(b, -1, 1)
+        # Bursting columns: the winner's best matching segment, or a new segment.
+        winner_cell = (step.winners.view(b, c, m) & step.bursting.unsqueeze(-1)).view(b, -1)
+        best_segment = potential_overlap.argmax(-1)  # (B, N)
+        matched_cell = winner_cell & step.matched.repeat_interleave(m, dim=1)
+        best = best_segment.unsqueeze(-1)
+        correct.scatter_(-1, best, correct.gather(-1, best) | matched_cell.unsqueeze(-1))
+        learning = correct.view(b, -1)  # (B, N*S)
+        new_cell = winner_cell & ~matched_cell & prev_winners.any(-1, keepdim=True)
+
+        # Wrong predictions: matching segments on cells of columns that stayed inactive.
+        inactive_cells = (~step.columns).repeat_interleave(m, dim=1)
+        wrong = ((potential_overlap >= layer.matching_threshold) & inactive_cells.unsqueeze(-1)).view(b, -1)
+
+        self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
+        decrement = torch.where(prev["anomaly"] > 0, self.burst_decrement, self.predicted_decrement)
+        self.adapt(seg, prev_active, wrong, -decrement, 0.0)
+
+        new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
+        # The least recently used slot of each new winner becomes a fresh segment.
+        slots = seg.last_learned.view(-1, s)[new_cell_idx].argmin(-1)
+        new_segment = new_cell_idx * s + slots
+        seg.permanence.data[new_segment] = 0.0
+        learn_b, learn_segment = learning.nonzero(as_tuple=True)
+        grow_b = torch.cat([learn_b, new_b])
+        grow_segment = torch.cat([learn_segment, new_segment])
+        missing = self.new_synapses - potential_overlap.view(b, -1)[learn_b, learn_segment]
+        missing = torch.cat([missing, torch.full_like(slots, self.new_synapses, dtype=missing.dtype)])
+        self.grow(seg, prev_winners, grow_b, grow_segment, missing.clamp(min=0).long())
+        seg.last_learned[grow_segment] = layer.learning_steps
+
+    @staticmethod
+    def adapt(seg, prev_active, segments_mask, active_delta, inactive_delta: float) -> None:
+        """Add `active_delta` (a float or one per stream) to the potential synapses of the
+        masked segments whose presynaptic cell was active, `inactive_delta` to the others."""
+        bi, gi = segments_mask.nonzero(as_tuple=True)
+        if gi.numel() == 0:
+            return
+        perm = seg.permanence.data
+        if torch.is_tensor(active_delta):
+            active_delta = active_delta[bi].unsqueeze(1)
+        was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
+        delta = torch.where(was_active, active_delta, inactive_delta) * (perm[gi] > 0)
+        perm.index_add_(0, gi, delta.to(perm.dtype))
+        perm.clamp_(0.0, 1.0)
+
+    def grow(self, seg, prev_winners, bi, gi, missing) -> None:
+        """Point up to `missing` weakest synapses of each segment at winners of t-1 that it
+        does not reach yet, at the initial permanence."""
+        if gi.numel() == 0 or not prev_winners.any():
+            return
+        k = self.new_synapses
+        # A random sample of k winners per stream (fewer when fewer won).
+        scores = prev_winners.to(seg.permanence.dtype) * torch.rand(prev_winners.shape, device=bi.device)
+        sample_score, sample = scores.topk(k, dim=-1)
+        candidates, valid = sample[bi], sample_score[bi] > 0  # (P, k)
+        perm = seg.permanence.data
+        present = (seg.presynaptic[gi].unsqueeze(-1) == candidates.unsqueeze(1)) & (perm[gi] > 0).unsqueeze(-1)
+        valid &= ~present.any(1)
+        rank = valid.long().cumsum(-1) - 1
+        take = valid & (rank < missing.unsqueeze(-1))
+        weakest = perm[gi].argsort(dim=-1)  # (P, F): empty slots (0) first
+        slot = weakest.gather(-1, rank.clamp(min=0))
+        rows = gi.unsqueeze(-1).expand_as(candidates)[take]
+        cols = slot[take]
+        seg.presynaptic[rows, cols] = candidates[take]
+        perm[rows, cols] = self.initial_permanence
+
+    def learn_decoder(self, layer: TemporalMemory, step: LayerStep) -> None:
+        predicted_columns = step.prev["predicted_columns"]  # (B, C) made at t-1
+        error = step.x - step.prev["prediction"]  # (B, D)
+        rate = self.decoder_rate / (predicted_columns.sum(-1, keepdim=True) + 1.0)
+        layer.decoder.weight.data += (error * rate).t() @ predicted_columns / step.x.shape[0]
+        layer.decoder.bias.data += (error * rate).mean(0)
+
+    def learn_feedforward(self, layer: TemporalMemory, step: LayerStep) -> None:
+        weight = layer.feedforward.parametrizations.weight.original.data  # (C, D)
+        active = step.columns.to(weight.dtype)  # (B, C)
+        counts = active.sum(0).unsqueeze(-1)
+        target = active.t() @ step.x  # (C, D): sum of the inputs each column won
+        weight += self.feedforward_rate * (target - counts * weight) / step.x.shape[0]
+
+
+class LearningRule:
+    """Base rule: nothing local, the task loss trains everything (see `Backprop`)."""
+
+    name = "base"
+    local_loss_weight = 0.0
+    task_loss_trains_model = True
+
+    def is_local(self, layer_index: int) -> bool:
+        """Does layer `layer_index` (0 = bottom) learn by explicit local updates, cut off from
+        the gradients of the layers above and of earlier steps?"""
+        return False
+
+    def update(self, layer: TemporalMemory, step: LayerStep) -> None:
+        """Explicit update of a local layer after its activation at step t."""
+
+    def head_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.task_loss_trains_model else features.detach()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Local(LearningRule):
+    """Every layer learns on its own, online, at every step; the head on detached features."""
+
+    name = "local"
+    task_loss_trains_model = False
+    local_loss_weight = 1.0  # models that learn through a loss (the LSTM) use their own
+
+    def __init__(self, **hebbian):
+        self.hebbian = PredictiveHebbian(**hebbian)
+
+    def is_local(self, layer_index: int) -> bool:
+        return True
+
+    def update(self, layer: TemporalMemory, step: LayerStep) -> None:
+        self.hebbian(layer, step)
+
+    def __repr__(self) -> str:
+        return f"Local({self.hebbian})"
+
+
+class Backprop(LearningRule):
+    """The task loss trains every layer, end to end over the chunk (truncated BPTT)."""
+
+    name = "backprop"
+
+
+class Hybrid(Local):
+    """Task loss end to end plus `local_loss_weight` x the layers' local losses; the bottom
+    `local_layers` layers learn locally (explicit updates) and pass no gradient down."""
+
+    name = "hybrid"
+    task_loss_trains_model = True
+
+    def __init__(self, local_loss_weight: float = 0.1, local_layers: int = 0, **hebbian):
+        super().__init__(**hebbian)
+        if local_loss_weight < 0:
+            raise ValueError(f"local_loss_weight must be >= 0, got {local_loss_weight}")
+        if local_layers < 0:
+            raise ValueError(f"local_layers must be >= 0, got {local_layers}")
+        self.local_loss_weight = local_loss_weight
+        self.local_layers = local_layers
+
+    def is_local(self, layer_index: int) -> bool:
+        return layer_index < self.local_layers
+
+    def __repr__(self) -> str:
+        return f"Hybrid(local_loss_weight={self.local_loss_weight}, local_layers={self.local_layers})"
+
+
+RULES = {rule.name: rule for rule in (Local, Backprop, Hybrid)}
+
+
+def build(name: str = "local", **settings) -> LearningRule:
+    """A learning rule by name: local | backprop | hybrid."""
+    if name not in RULES:
+        raise ValueError(f"learning rule must be one of {sorted(RULES)}, got {name!r}")
+    return RULES[name](**settings)

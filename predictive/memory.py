@@ -1,0 +1,227 @@
+"""The temporal-memory layer: one recurrent, predictive, sparse layer.
+
+Columns x cells. At step t the layer (1) takes the cells predicted at t-1 by its distal
+segments, (2) picks k active columns from the input with k-WTA, (3) fires the predicted cells
+of active columns, or bursts a column (all its cells) when none was predicted and picks one
+winner cell to learn the new context, and (4) predicts the cells of t+1 from the activity of t
+and decodes that prediction into the input space. Learning is not done here: a learning rule
+(predictive.learning) is called between activation and prediction, and sees a `LayerStep`.
+
+The forward pass is differentiable end to end for backprop through time: straight-through at
+the k-WTA winners and at the segments' thresholds, soft gating where cells are selected. Its
+forward values are exactly the binary HTM activity.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from predictive.dendrites import DistalSegments, straight_through
+from predictive.sparse import KWinners, SparseLinear, check_positive, resolve_count
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class LayerStep:
+    """What one step of a layer produced, and what it saw (for learning rules)."""
+
+    x: torch.Tensor  # (B, D) input at t
+    prev: State  # the layer's state at t-1
+    columns: torch.Tensor  # (B, C) bool, active columns
+    bursting: torch.Tensor  # (B, C) bool, active columns with no predicted cell
+    cells: torch.Tensor  # (B, N) activity at t (0/1 forward values)
+    winners: torch.Tensor  # (B, N) bool, cells that learn this context
+    matched: torch.Tensor  # (B, C) bool, bursting column whose winner has a matching segment
+    anomaly: torch.Tensor  # (B,) share of active columns that were not predicted
+
+
+class TemporalMemory(nn.Module):
+    """A sparse temporal memory over an input of width `input_size`.
+
+    Args:
+        input_size: width D of the input (and of the decoded prediction).
+        columns: number of columns C.
+        cells: cells per column M; the layer's output has N = C * M units.
+        active_columns: k, columns active per step (a count or a fraction of C).
+        segments: distal segments per cell S.
+        synapses: synapse slots per segment (fixed fan-in).
+        activation_threshold: connected active synapses that make a segment active (predictive).
+        matching_threshold: potential active synapses that make a segment *match* (best-match
+            for learning in a bursting column).
+        connected_permanence: permanence at which a synapse counts as connected.
+        feedforward_sparsity: fraction of zero weights in each column's feedforward map.
+        boost_strength: homeostatic boosting of column selection (0: off).
+        duty_cycle_period: horizon of the column duty cycles used by boosting.
+        sharpness: slope of the soft threshold that carries gradients in backprop mode.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        columns: int = 2048,
+        cells: int = 16,
+        active_columns: int | float = 40,
+        segments: int = 4,
+        synapses: int = 32,
+        activation_threshold: int = 13,
+        matching_threshold: int = 10,
+        connected_permanence: float = 0.5,
+        feedforward_sparsity: float = 0.5,
+        boost_strength: float = 0.0,
+        duty_cycle_period: int = 1000,
+        sharpness: float = 2.0,
+    ):
+        super().__init__()
+        check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
+        self.input_size, self.columns, self.cells_per_column = input_size, columns, cells
+        self.k = resolve_count(active_columns, columns, "active_columns")
+        for name, value in (("activation_threshold", activation_threshold), ("matching_threshold", matching_threshold)):
+            if not 1 <= value <= synapses:
+                raise ValueError(f"{name}={value} must be between 1 and synapses={synapses}")
+        if sharpness <= 0:
+            raise ValueError(f"sharpness must be > 0, got {sharpness}")
+        self.activation_threshold = activation_threshold
+        self.matching_threshold = matching_threshold
+        self.sharpness = sharpness
+        self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
+        self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
+        self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
+        self.decoder = nn.Linear(columns, input_size)
+        self.register_buffer("learning_steps", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    @property
+    def output_size(self) -> int:
+        return self.columns * self.cells_per_column
+
+    def reset_parameters(self) -> None:
+        self.feedforward.reset_parameters()
+        self.kwinners.reset_parameters()
+        self.segments.reset_parameters()
+        with torch.no_grad():
+            self.decoder.weight.zero_()  # predicts nothing until it has seen something
+            self.decoder.bias.zero_()
+        self.learning_steps.zero_()
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        n, s = self.output_size, self.segments.num_segments
+        zeros = lambda *shape: torch.zeros(batch_size, *shape, device=device)  # noqa: E731
+        return {
+            "cells": zeros(n),
+            "winners": zeros(n),
+            "predicted": zeros(n),  # cells predicted for the coming step
+            "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
+            "potential_overlap": zeros(n, s),
+            "predicted_columns": zeros(self.columns),
+            "prediction": zeros(self.input_size),  # decoded prediction of the coming input
+            "anomaly": zeros(),
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State,
+        reset: torch.Tensor | None = None,
+        learn: Callable[["TemporalMemory", LayerStep], None] | None = None,
+    ) -> tuple[LayerStep, State]:
+        """One time step.
+
+        x: (B, D); state: from `initial_state` or the previous step; reset: (B,) bool, clears
+        those streams' state first; learn: a local rule, called after activation and before
+        the prediction of t+1 is made. Returns the step and the new state.
+        """
+        if x.dim() != 2 or x.shape[1] != self.input_size:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, input_size={self.input_size})")
+        if reset is not None:
+            keep = (~reset).to(x.dtype)
+            state = {name: value * keep.view(-1, *([1] * (value.dim() - 1))) for name, value in state.items()}
+        step = self.activate(x, state)
+        if learn is not None:
+            learn(self, step)
+        return step, self.predict(step)
+
+    def activate(self, x: torch.Tensor, state: State) -> LayerStep:
+        b, c, m = x.shape[0], self.columns, self.cells_per_column
+        scores = self.feedforward(x)  # (B, C)
+        columns = self.kwinners.winners(scores)
+        # Value 1 at the winners; the gradient reaches the scores of winners only.
+        column_gate = straight_through(columns.to(x.dtype), scores * columns)
+        predicted = state["predicted"].view(b, c, m)
+        column_predicted = predicted.amax(-1)  # (B, C)
+        # Predicted cells fire; an active column with no predicted cell bursts (all cells fire).
+        cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - column_predicted).unsqueeze(-1))
+        bursting = columns & (column_predicted.detach() == 0)
+
+        winners, matched = self.choose_winners(state, columns, bursting)
+        hits = (columns & (column_predicted.detach() > 0)).sum(-1)
+        anomaly = 1.0 - hits.to(x.dtype) / self.k
+        return LayerStep(x, state, columns, bursting, cells.view(b, -1), winners, matched, anomaly)
+
+    @torch.no_grad()
+    def choose_winners(self, state: State, columns: torch.Tensor, bursting: torch.Tensor):
+        """Winner cells: the predicted cells of active columns; in a bursting column the cell
+        with the best matching segment, else the least used cell (random tie-break)."""
+        b, c, m = columns.shape[0], self.columns, self.cells_per_column
+        predicted = state["predicted"].view(b, c, m) > 0
+        winners = predicted & columns.unsqueeze(-1)
+
+        best = state["potential_overlap"].amax(-1).view(b, c, m)
+        best_value, best_cell = best.max(-1)
+        matched = bursting & (best_value >= self.matching_threshold)
+        used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
+        tie_break = torch.rand(b, c, m, device=best.device)
+        least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
+        chosen = torch.where(matched, best_cell, least_used)
+        burst_winner = F.one_hot(chosen, m).bool() & bursting.unsqueeze(-1)
+        return (winners | burst_winner).view(b, -1), matched
+
+    def predict(self, step: LayerStep) -> State:
+        """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
+        b = step.cells.shape[0]
+        active, potential = self.segments(step.cells)
+        predicted = self.soft_threshold(active.amax(-1))
+        predicted_columns = predicted.view(b, self.columns, -1).amax(-1)
+        return {
+            "cells": step.cells,
+            "winners": step.winners.to(step.cells.dtype),
+            "predicted": predicted,
+            "active_overlap": active.detach(),
+            "potential_overlap": potential,
+            "predicted_columns": predicted_columns,
+            "prediction": self.decoder(predicted_columns),
+            "anomaly": step.anomaly.detach(),
+        }
+
+    def soft_threshold(self, overlap: torch.Tensor) -> torch.Tensor:
+        """1 where overlap >= activation_threshold (forward), sigmoid slope for the gradient."""
+        hard = (overlap >= self.activation_threshold).to(overlap.dtype)
+        soft = torch.sigmoid((overlap - self.activation_threshold + 0.5) * self.sharpness)
+        return straight_through(hard, soft)
+
+    def local_loss(self, step: LayerStep) -> torch.Tensor:
+        """This layer's own next-input prediction error, confined to the layer.
+
+        The previous activity and the input are detached, so the gradient reaches only this
+        layer's segments and decoder, and goes one step back in time at most: the segments
+        learn to predict the winners of t from the cells of t-1, the decoder to turn that
+        prediction into x[t].
+        """
+        b = step.x.shape[0]
+        active, _ = self.segments(step.prev["cells"].detach())
+        p = torch.sigmoid((active.amax(-1) - self.activation_threshold + 0.5) * self.sharpness)
+        target = step.winners.to(p.dtype)
+        segment_loss = F.binary_cross_entropy(p, target, reduction="sum") / (b * self.k)
+        predicted_columns = p.view(b, self.columns, -1).amax(-1)
+        decoder_loss = F.mse_loss(self.decoder(predicted_columns), step.x.detach())
+        return segment_loss + decoder_loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, columns={self.columns}, cells={self.cells_per_column}, "
+            f"active_columns={self.k}, activation_threshold={self.activation_threshold}, "
+            f"matching_threshold={self.matching_threshold}"
+        )

@@ -1,0 +1,118 @@
+"""A stack of temporal-memory layers: each layer's cells are the next layer's input, and each
+layer predicts its own next input."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from predictive.learning import Backprop, LearningRule
+from predictive.memory import TemporalMemory
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class StackOutput:
+    """Outputs of a chunk of T steps for B streams."""
+
+    cells: torch.Tensor  # (B, T, N) top layer's cell activity at t
+    predicted: torch.Tensor  # (B, T, N) top layer's cells predicted for t+1
+    prediction: torch.Tensor  # (B, T, D) bottom layer's decoded prediction of x[t+1]
+    anomaly: torch.Tensor  # (B, T) bottom layer's anomaly score
+    local_loss: torch.Tensor  # scalar, mean over steps of the non-local layers' local losses
+
+
+class PredictiveStack(nn.Module):
+    """L temporal-memory layers.
+
+    Args:
+        input_size: width of the encoded input.
+        layers: the number of layers, or one dict of settings per layer (overriding `defaults`).
+        **defaults: `TemporalMemory` settings shared by all layers.
+    """
+
+    def __init__(self, input_size: int, layers: int | list[dict] = 1, **defaults):
+        super().__init__()
+        if isinstance(layers, int):
+            if layers < 1:
+                raise ValueError(f"layers must be >= 1, got {layers}")
+            layers = [{} for _ in range(layers)]
+        if len(layers) == 0:
+            raise ValueError("layers must not be empty")
+        modules, width = [], input_size
+        for spec in layers:
+            modules.append(TemporalMemory(width, **{**defaults, **dict(spec)}))
+            width = modules[-1].output_size
+        self.layers = nn.ModuleList(modules)
+        self.input_size = input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.layers[-1].output_size
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return {
+            f"{i}.{name}": value
+            for i, layer in enumerate(self.layers)
+            for name, value in layer.initial_state(batch_size, device).items()
+        }
+
+    @staticmethod
+    def detach_state(state: State) -> State:
+        return {name: value.detach() for name, value in state.items()}
+
+    def layer_states(self, state: State) -> list[State]:
+        states = [{} for _ in self.layers]
+        for key, value in state.items():
+            i, name = key.split(".", 1)
+            states[int(i)][name] = value
+        return states
+
+    def step(self, x: torch.Tensor, states: list[State], reset: torch.Tensor | None, rule: LearningRule):
+        """One time step through all layers. x: (B, D) -> (steps, new states, local loss)."""
+        steps, new_states, local_loss = [], [], x.new_zeros(())
+        for i, (layer, state) in enumerate(zip(self.layers, states)):
+            if rule.is_local(i):
+                # No gradient into the layer below, none from earlier steps, none to build.
+                with torch.no_grad():
+                    step, state = layer(x.detach(), self.detach_state(state), reset, learn=rule.update)
+            else:
+                step, state = layer(x, state, reset)
+                if rule.local_loss_weight > 0:
+                    local_loss = local_loss + layer.local_loss(step)
+            steps.append(step)
+            new_states.append(state)
+            x = step.cells
+        return steps, new_states, local_loss
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State,
+        reset: torch.Tensor | None = None,
+        learning: LearningRule | None = None,
+    ) -> tuple[StackOutput, State]:
+        """x: (B, T, D); reset: (B, T) bool or None; learning: the rule (default backprop)."""
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={self.input_size})")
+        rule = learning or Backprop()
+        states = self.layer_states(state)
+        cells, predicted, prediction, anomaly = [], [], [], []
+        local_loss = x.new_zeros(())
+        for t in range(x.shape[1]):
+            steps, states, loss = self.step(x[:, t], states, None if reset is None else reset[:, t], rule)
+            local_loss = local_loss + loss
+            cells.append(steps[-1].cells)
+            predicted.append(states[-1]["predicted"])
+            prediction.append(states[0]["prediction"])
+            anomaly.append(steps[0].anomaly)
+        out = StackOutput(
+            cells=torch.stack(cells, 1),
+            predicted=torch.stack(predicted, 1),
+            prediction=torch.stack(prediction, 1),
+            anomaly=torch.stack(anomaly, 1),
+            local_loss=local_loss / x.shape[1],
+        )
+        new_state = {f"{i}.{name}": value for i, s in enumerate(states) for name, value in s.items()}
+        return out, new_state
