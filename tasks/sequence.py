@@ -1,0 +1,185 @@
+"""SequenceTask: the high-order sequence prediction task of Cui, Ahmad & Hawkins 2016, learned
+and scored prequentially (predict the next element, see it, learn).
+
+At every step t the head scores each sequence symbol as the element t+1. Only predictions of
+a sequence's last element count (the element that depends on the sequence's first one); the
+curve is the accuracy over the last `window` scored sequences. Stream and metric definitions
+are in `tasks.high_order`.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks import high_order
+from tasks.base import Task
+from tasks.encoders import SymbolEncoder
+from tasks.streams import ArrayStreams
+
+FEATURES = ("prediction", "predicted", "cells")
+
+
+class SymbolInput(nn.Module):
+    """batch["symbol"] (B, T) -> (B, T, size) fixed sparse codes."""
+
+    def __init__(self, codes: SymbolEncoder):
+        super().__init__()
+        self.codes = codes
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.codes(batch["symbol"])
+
+
+class OverlapHead(nn.Module):
+    """Scores each symbol by the share of its code's bits in the model's decoded prediction
+    of the next input (HTM's classifier: overlap of predicted columns with each code). No
+    learned readout, so the answer is available as soon as the model predicts; a learned
+    `sharpness` only scales the scores for the cross-entropy."""
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes / codes.sum(1, keepdim=True), persistent=False)
+        self.sharpness = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, prediction: torch.Tensor) -> torch.Tensor:
+        return self.sharpness * prediction @ self.codes.T
+
+
+class SequenceTask(Task):
+    """The high-order sequence stream (`tasks.high_order`).
+
+    Args:
+        data_dir: data root; the sets are read from <data_dir>/high_order_sequences/sequences.json.
+        endings: 1 | 2 | 4 possible endings per shared subsequence; a prediction is right when
+            the truth is among the top `endings` symbols.
+        streams: B streams learned at once as one batch, stream i from seed `seed + i`, each
+            scored on its own.
+        features: "prediction" (the bottom layer's decoded next input, scored by overlap with
+            each symbol's code) or "predicted" / "cells" (a linear head trained by the task loss).
+        resets: reset the model before every sequence (off in the paper's protocol).
+        chunk: time steps per batch (the truncation length of BPTT).
+    """
+
+    streaming = True
+
+    def __init__(self, data_dir="data", endings=1, streams=1, seed=0, length=20000, switch_after=10000,
+                 chunk=50, features="prediction", resets=False, code_size=2048, code_active=41, window=100):
+        if streams < 1:
+            raise ValueError(f"task.streams must be >= 1, got {streams}")
+        if features not in FEATURES:
+            raise ValueError(f"task.features must be one of {FEATURES}, got {features!r}")
+        if window < 1:
+            raise ValueError(f"task.window must be >= 1, got {window}")
+        normal, perturbed = high_order.load_sets(Path(data_dir) / "high_order_sequences" / "sequences.json", endings)
+        self.streams = [high_order.generate(normal, perturbed, seed + i, length, switch_after) for i in range(streams)]
+        self.endings, self.features, self.resets, self.chunk, self.window = endings, features, resets, chunk, window
+        self.num_symbols = self.streams[0].num_symbols
+        codes = SymbolEncoder(self.streams[0].vocab_size, code_size, code_active, seed=seed)
+        self.encoder = SymbolInput(codes)
+        self.input_size = code_size
+        self.length = length
+        self._correct = np.full((streams, length), -1, dtype=np.int8)  # -1: not scored (yet)
+        self._anomaly = np.full((streams, length), np.nan)
+        self._seconds, self._elements, self._last = 0.0, 0, None
+
+    def datamodule(self) -> ArrayStreams:
+        symbols = np.stack([s.symbols for s in self.streams])
+        scored = np.stack([s.scored for s in self.streams])
+        # The prediction made at t is of element t+1; -1 marks "no next element".
+        next_symbol = np.concatenate([symbols[:, 1:], np.full((len(symbols), 1), -1)], axis=1)
+        next_scored = np.concatenate([scored[:, 1:], np.zeros((len(symbols), 1), bool)], axis=1)
+        arrays = {"symbol": symbols, "next": next_symbol, "next_scored": next_scored,
+                  "start": np.stack([s.start for s in self.streams])}
+        return ArrayStreams(arrays, self.chunk)
+
+    def reset_mask(self, batch):
+        return batch["start"] if self.resets else None
+
+    def build_head(self, feature_size: int) -> nn.Module:
+        if self.features == "prediction":
+            if feature_size != self.input_size:
+                raise ValueError(f"features=prediction needs the input width {self.input_size}, got {feature_size}")
+            return OverlapHead(self.encoder.codes.codes(torch.arange(self.num_symbols)))
+        return nn.Linear(feature_size, self.num_symbols)
+
+    def loss(self, head_out, batch):
+        # Learn every next element that is a sequence symbol (noise cannot be predicted).
+        target = batch["next"]
+        known = (target >= 0) & (target < self.num_symbols)
+        if not known.any():
+            return head_out.sum() * 0.0
+        return F.cross_entropy(head_out[known], target[known])
+
+    def update_metrics(self, stage, head_out, batch, out):
+        if stage != "train":  # the stream is learned and scored in one prequential pass
+            return
+        now = time.perf_counter()
+        if self._last is not None:  # time of one whole chunk cycle, the first one excluded
+            self._seconds += now - self._last
+            self._elements += batch["symbol"].numel()
+        self._last = now
+        index = batch["index"].cpu().numpy()
+        rows = np.arange(len(index))[:, None]
+        self._anomaly[rows, index] = out.anomaly.float().cpu().numpy()
+        scored = batch["next_scored"].cpu().numpy()
+        if scored.any():
+            b, t = np.nonzero(scored)
+            truth = batch["next"].cpu().numpy()[b, t]
+            scores = head_out.detach()[torch.as_tensor(b), torch.as_tensor(t)].float().cpu().numpy()
+            self._correct[b, index[b, t] + 1] = high_order.is_correct(scores, truth, self.endings)
+
+    def _stream_summary(self, i: int) -> dict:
+        positions = np.flatnonzero(self._correct[i] >= 0)
+        s = high_order.summarize(positions, self._correct[i, positions], self.length, self.streams[i].switch, self.window)
+        seen = ~np.isnan(self._anomaly[i])
+        s["mean_anomaly"] = float(self._anomaly[i, seen].mean()) if seen.any() else None
+        return s
+
+    def compute_metrics(self, stage):
+        if stage != "train":
+            return {}
+        curves = [self._curve(i) for i in range(len(self.streams))]
+        last = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
+        anomaly = self._anomaly[~np.isnan(self._anomaly)]
+        metrics = {"accuracy": float(np.mean(last))} if last else {}
+        if anomaly.size:
+            metrics["anomaly"] = float(anomaly.mean())
+        return metrics
+
+    def _curve(self, i: int) -> np.ndarray:
+        positions = np.flatnonzero(self._correct[i] >= 0)
+        return high_order.accuracy_curve(positions, self._correct[i, positions], self.length, self.window)
+
+    def summary(self):
+        """The issue's figures; with several streams the mean over streams plus `<key>_std`
+        (a figure that is undefined in any stream is None). us_per_element is wall time per
+        element of one stream divided by the number of streams (throughput)."""
+        per_stream = [self._stream_summary(i) for i in range(len(self.streams))]
+        out = {}
+        for key in per_stream[0]:
+            values = [s[key] for s in per_stream]
+            defined = all(v is not None for v in values)
+            out[key] = float(np.mean(values)) if defined else None
+            if len(values) > 1:
+                out[f"{key}_std"] = float(np.std(values)) if defined else None
+        out["us_per_element"] = 1e6 * self._seconds / self._elements if self._elements else None
+        out["streams"] = len(self.streams)
+        return out
+
+    def curves(self):
+        curve = np.mean([self._curve(i) for i in range(len(self.streams))], axis=0)
+        defined = np.flatnonzero(~np.isnan(curve))
+        return {"accuracy": ((defined + 1).tolist(), curve[defined].tolist())}
+
+    def state_dict(self):
+        return {"correct": torch.from_numpy(self._correct.copy()), "anomaly": torch.from_numpy(self._anomaly.copy()),
+                "seconds": self._seconds, "elements": self._elements}
+
+    def load_state_dict(self, state):
+        self._correct = state["correct"].numpy().copy()
+        self._anomaly = state["anomaly"].numpy().copy()
+        self._seconds, self._elements, self._last = state["seconds"], state["elements"], None
