@@ -1,0 +1,123 @@
+"""TaxiTask: reading NuPIC/NAB files, the delayed (prequential) head, metrics by hand, and a
+whole pass over the real taxi series with a linear head on the encoder's codes."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.taxi import DelayedHead, TaxiTask, bucket_nll, mape, nrmse, read_series
+
+DATA = Path(os.environ["PREDICTIVE_DATA_DIR"])  # set by conftest.py
+TAXI = DATA / "sequence_prediction" / "nyc_taxi.csv"
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_reads_the_nupic_taxi_file():
+    values, minutes, days = read_series(TAXI)
+    assert len(values) == 17520
+    assert values[:3].tolist() == [10844, 8127, 6210]
+    assert minutes[:3].tolist() == [0, 30, 60]
+    assert days[0] == 1  # 2014-07-01 was a Tuesday (Monday = 0)
+    perturbed = TaxiTask(data_dir=DATA, variant="perturbed")
+    assert perturbed.path.name == "nyc_taxi_perturb.csv" and len(perturbed.values) == 17520
+
+
+def test_reads_nab_files_and_names_bad_rows(tmp_path):
+    good = write(tmp_path / "nab.csv", "timestamp,value\n2015-01-05 06:30:00,1.5\n2015-01-05 06:35:00,2\n")
+    values, minutes, days = read_series(good)
+    assert values.tolist() == [1.5, 2.0] and minutes.tolist() == [390, 395] and days.tolist() == [0, 0]
+    nab = sorted((DATA / "nab" / "data").rglob("*.csv"))[0]
+    assert len(read_series(nab)[0]) > 1000
+    with pytest.raises(ValueError, match=r"bad.csv:3: malformed"):
+        read_series(write(tmp_path / "bad.csv", "timestamp,value\n2015-01-05 06:30:00,1\n2015-01-05 06:35:00,x\n"))
+    with pytest.raises(ValueError, match=r"nan.csv:2: value is nan"):
+        read_series(write(tmp_path / "nan.csv", "timestamp,value\n2015-01-05 06:30:00,nan\n"))
+    with pytest.raises(ValueError, match=r"cols.csv:1: expected columns"):
+        read_series(write(tmp_path / "cols.csv", "time,x\n1,2\n"))
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        TaxiTask(data_dir=tmp_path, file="missing.csv")
+
+
+@pytest.mark.parametrize("kw, match", [({"variant": "odd"}, "task.variant"), ({"features": "prediction"}, "task.features"),
+                                       ({"score_from": 17518}, "task.score_from"), ({"horizon": 0}, "task.horizon"),
+                                       ({"records": 0}, "task.records"), ({"records": 9000}, "task.score_from")])
+def test_bad_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TaxiTask(data_dir=DATA, **kw)
+
+
+def test_metrics_by_hand():
+    truth = np.array([10.0, 20.0, 30.0])
+    prediction = np.array([12.0, 18.0, 30.0])
+    assert nrmse(prediction, truth, data_std=2.0) == pytest.approx(np.sqrt(8 / 3) / 2)
+    assert mape(prediction, truth) == pytest.approx(4 / 60)
+    # 4 buckets over [0, 40): truths fall in buckets 1, 2, 3.
+    probs = np.array([[0, 1, 0, 0], [0, 0.5, 0.5, 0], [0.999, 0, 0, 0.001]])
+    assert bucket_nll(probs, truth, 0.0, 40.0) == pytest.approx((0 - np.log(0.5) - np.log(0.01)) / 3)
+    assert bucket_nll(probs[:1], np.array([1e9]), 0.0, 40.0) == pytest.approx(-np.log(0.01))  # clipped to the top
+
+
+def test_delayed_head_learns_each_target_once_it_is_past():
+    # Features are the step number; with horizon 2, step s is learned with value[s + 2], which
+    # is the chunk's value at the same offset from the end as s + 2.
+    head = DelayedHead(1, horizon=2, buckets=3)
+    with torch.no_grad():
+        head.value.weight.fill_(1.0), head.value.bias.zero_()
+    seen = []
+    for chunk in (torch.arange(0, 3), torch.arange(3, 4), torch.arange(4, 8)):
+        out = head(chunk.float()[None, :, None])
+        assert torch.equal(out["value"][0], chunk.float())  # a prediction for every step
+        learned = out["learn_value"][0].long().tolist()
+        seen += learned
+        assert all(s + 2 <= int(chunk[-1]) for s in learned)  # its target is already seen
+    assert seen == list(range(6))  # every step learned exactly once, none lost at chunk ends
+
+
+def test_perfect_predictions_score_zero():
+    task = TaxiTask(data_dir=DATA, chunk=500)
+    dm = task.datamodule()
+    for i in range(dm.num_chunks):
+        batch = dm.chunk(i)
+        ahead = torch.from_numpy(np.append(task.values, [0] * 5)[batch["index"][0] + 5])[None]
+        probs = torch.nn.functional.one_hot(task._bucket(ahead), 22).double() * 50
+        task.update_metrics("train", {"value": (ahead - task.mean) / task.std, "logits": probs}, batch, None)
+    s = task.summary()
+    assert s["nrmse"] == pytest.approx(0, abs=1e-9) and s["mape"] == pytest.approx(0, abs=1e-9)
+    assert s["nll"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_linear_head_on_the_codes_learns_the_daily_pattern():
+    """One prequential pass with no model at all (the head reads the encoder's codes): the
+    codes of value, time of day and day of week already carry a lot. Measured: MAPE 0.153,
+    NRMSE 0.46 (HTM: 0.081 / 0.286). Same seed, same numbers."""
+
+    def run():
+        torch.manual_seed(0)
+        task = TaxiTask(data_dir=DATA, chunk=100)
+        dm = task.datamodule()
+        head = task.build_head(task.input_size)
+        opt = torch.optim.Adam(head.parameters(), 1e-2)
+        for i in range(dm.num_chunks):
+            batch = dm.chunk(i)
+            out = head(task.encoder(batch))
+            loss = task.loss(out, batch)
+            task.update_metrics("train", out, batch, SimpleNamespace())
+            opt.zero_grad(), loss.backward(), opt.step()
+        return task
+
+    task = run()
+    s = task.summary()
+    assert s["mape"] < 0.2 and s["nrmse"] < 0.55 and s["nll"] < 2.0
+    assert s == {**run().summary(), "us_per_element": s["us_per_element"]}
+    # The state restores the scored predictions exactly.
+    again = TaxiTask(data_dir=DATA, chunk=100)
+    again.load_state_dict(task.state_dict())
+    assert {k: again.summary()[k] for k in ("nrmse", "mape", "nll")} == {k: s[k] for k in ("nrmse", "mape", "nll")}
