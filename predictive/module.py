@@ -14,11 +14,16 @@ run continues exactly where it stopped (the stream position is the datamodule's,
 """
 
 import random
+import warnings
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
+
+# Checkpoints are taken after the optimizer step on purpose: together with the stream position
+# (advanced at the end of each step) they describe a consistent point to resume from.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class PredictiveModule(L.LightningModule):

@@ -17,6 +17,7 @@ and at each epoch end it logs `task.compute_metrics(stage)` and, at the end of t
 writes `task.summary()` to summary.json and plots `task.curves()`.
 """
 
+import warnings
 from abc import ABC, abstractmethod
 
 import lightning as L
@@ -147,6 +148,11 @@ class StreamDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+# _Chunks has a length on purpose (Lightning counts the epoch's batches); it is read in the
+# main process only, so the warning about lengths with several workers does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class _Chunks(IterableDataset):
