@@ -55,6 +55,7 @@ class RunSummary(L.Callback):
         self.output_dir = Path(output_dir)
         self.info = dict(info or {})
         self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
+        self.fit_metrics, self.peak_memory_mb = {}, None
 
     def on_train_start(self, trainer, pl_module):
         if pl_module.device.type == "cuda":
@@ -75,23 +76,28 @@ class RunSummary(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.peak_memory_mb = _peak_memory_mb(pl_module.device)
+        self.fit_metrics = self.logged(trainer)  # `trainer.test` starts a fresh set
         self.write(trainer, pl_module)
         self.plot_curves(trainer, pl_module)
 
     def on_test_end(self, trainer, pl_module):
         self.write(trainer, pl_module)
 
+    @staticmethod
+    def logged(trainer) -> dict:
+        return {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
     def summary(self, trainer, pl_module) -> dict:
-        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         seconds = max(self.seconds, 1e-9)
         return {
             **self.info,
-            **metrics,
+            **self.fit_metrics,
+            **self.logged(trainer),
             **pl_module.task.summary(),
             "steps_per_second": self.batches / seconds,
             "time_steps_per_second": self.time_steps / seconds,
             "train_seconds": self.seconds,
-            "peak_memory_mb": getattr(self, "peak_memory_mb", None) or _peak_memory_mb(pl_module.device),
+            "peak_memory_mb": self.peak_memory_mb or _peak_memory_mb(pl_module.device),
         }
 
     @rank_zero_only
