@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from itertools import product
 
 import pytest
@@ -149,7 +150,12 @@ def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     train.train(config(tmp_path, "logger=wandb", "trainer.max_steps=2"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    log_file = next(runs[0].glob("run-*.wandb"))
+    for _ in range(50):  # wandb's service may still be flushing the file when finish() returns
+        if b"train/anomaly" in log_file.read_bytes():
+            break
+        time.sleep(0.2)
+    log = log_file.read_bytes()
     assert b"train/loss" in log and b"train/anomaly" in log  # the metrics are in the run's log
 
 
