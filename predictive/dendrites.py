@@ -122,19 +122,25 @@ class DistalSegments(nn.Module):
             self.presynaptic.random_(0, self.presynaptic_cells)
             self.last_learned.fill_(-1)
 
-    def forward(self, activity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Connected and potential overlaps of every segment with `activity`.
+    def forward(self, activity: torch.Tensor) -> torch.Tensor:
+        """Connected overlap of every segment with `activity`: the number of connected synapses
+        onto active cells (weighted by activity). Differentiable in permanence and activity,
+        straight-through at the connection threshold.
 
-        activity: (B, presynaptic_cells) -> two (B, N, S): the connected overlap (differentiable
-        in permanence and activity, straight-through at the connection threshold) and the
-        potential overlap (count of synapses with permanence > 0 onto active cells).
+        activity: (B, presynaptic_cells) -> (B, N, S)
         """
         p = self.permanence
         connected = straight_through((p >= self.connected_permanence).to(p.dtype), p)
-        shape = (activity.shape[0], self.num_cells, self.num_segments)
-        active = segment_overlap(activity, self.presynaptic, connected).view(shape)
-        potential = segment_overlap(activity.detach(), self.presynaptic, (p.detach() > 0).to(p.dtype))
-        return active, potential.view(shape)
+        return segment_overlap(activity, self.presynaptic, connected).view(self.shape(activity))
+
+    @torch.no_grad()
+    def potential_overlap(self, activity: torch.Tensor) -> torch.Tensor:
+        """Number of potential synapses (permanence > 0) onto active cells: (B, N, S)."""
+        potential = (self.permanence > 0).to(self.permanence.dtype)
+        return segment_overlap(activity, self.presynaptic, potential).view(self.shape(activity))
+
+    def shape(self, activity: torch.Tensor) -> tuple[int, int, int]:
+        return (activity.shape[0], self.num_cells, self.num_segments)
 
     def extra_repr(self) -> str:
         return (

@@ -78,24 +78,23 @@ class PredictiveHebbian:
         prev_winners = prev["winners"] > 0
         if not prev_active.any():
             return  # first step after a reset: no context to learn from
-        active_overlap, potential_overlap = prev["active_overlap"], prev["potential_overlap"]  # (B, N, S)
-        cells = (step.cells > 0).view(b, c, m)
+        potential = prev["potential_overlap"]  # (B, N, S)
 
-        # Segments that correctly predicted an active cell.
-        correct = (active_overlap >= layer.activation_threshold) & cells.view(b, -1, 1)
-        # Bursting columns: the winner's best matching segment, or a new segment.
-        winner_cell = (step.winners.view(b, c, m) & step.bursting.unsqueeze(-1)).view(b, -1)
-        best_segment = potential_overlap.argmax(-1)  # (B, N)
-        matched_cell = winner_cell & step.matched.repeat_interleave(m, dim=1)
-        best = best_segment.unsqueeze(-1)
-        correct.scatter_(-1, best, correct.gather(-1, best) | matched_cell.unsqueeze(-1))
-        learning = correct.view(b, -1)  # (B, N*S)
-        new_cell = winner_cell & ~matched_cell & prev_winners.any(-1, keepdim=True)
+        # Segments that predicted a cell of a column that is now active (and not bursting).
+        predicted_cell = (step.winners.view(b, c, m) & ~step.bursting.unsqueeze(-1)).view(b, -1, 1)
+        learning = (prev["active_overlap"] >= layer.activation_threshold) & predicted_cell
+        # Bursting columns: the winner's best matching segment learns, or a new one starts.
+        winner = (step.winners.view(b, c, m) & step.bursting.unsqueeze(-1)).view(b, -1)
+        matched_cell = winner & step.matched.repeat_interleave(m, dim=1)
+        best = potential.argmax(-1, keepdim=True)
+        learning.scatter_(-1, best, learning.gather(-1, best) | matched_cell.unsqueeze(-1))
+        new_cell = winner & ~matched_cell & prev_winners.any(-1, keepdim=True)
 
-        # Wrong predictions: matching segments on cells of columns that stayed inactive.
-        inactive_cells = (~step.columns).repeat_interleave(m, dim=1)
-        wrong = ((potential_overlap >= layer.matching_threshold) & inactive_cells.unsqueeze(-1)).view(b, -1)
+        # Wrong predictions: segments that predicted a cell of a column that stayed inactive.
+        inactive_cells = (~step.columns).repeat_interleave(m, dim=1).unsqueeze(-1)
+        wrong = ((prev["active_overlap"] >= layer.activation_threshold) & inactive_cells).view(b, -1)
 
+        learning = learning.view(b, -1)
         self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
         decrement = torch.where(prev["anomaly"] > 0, self.burst_decrement, self.predicted_decrement)
         self.adapt(seg, prev_active, wrong, -decrement, 0.0)
@@ -105,11 +104,12 @@ class PredictiveHebbian:
         slots = seg.last_learned.view(-1, s)[new_cell_idx].argmin(-1)
         new_segment = new_cell_idx * s + slots
         seg.permanence.data[new_segment] = 0.0
+        # Grow towards the previous winners up to `new_synapses` synapses onto active cells:
+        # a segment already fully matched by a burst grows nothing, so contexts stay apart.
         learn_b, learn_segment = learning.nonzero(as_tuple=True)
-        grow_b = torch.cat([learn_b, new_b])
-        grow_segment = torch.cat([learn_segment, new_segment])
-        missing = self.new_synapses - potential_overlap.view(b, -1)[learn_b, learn_segment]
+        missing = self.new_synapses - potential.view(b, -1)[learn_b, learn_segment]
         missing = torch.cat([missing, torch.full_like(slots, self.new_synapses, dtype=missing.dtype)])
+        grow_b, grow_segment = torch.cat([learn_b, new_b]), torch.cat([learn_segment, new_segment])
         self.grow(seg, prev_winners, grow_b, grow_segment, missing.clamp(min=0).long())
         seg.last_learned[grow_segment] = layer.learning_steps
 

@@ -113,6 +113,7 @@ class TemporalMemory(nn.Module):
         return {
             "cells": zeros(n),
             "winners": zeros(n),
+            "columns": zeros(self.columns),
             "predicted": zeros(n),  # cells predicted for the coming step
             "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
             "potential_overlap": zeros(n, s),
@@ -151,23 +152,37 @@ class TemporalMemory(nn.Module):
         # Value 1 at the winners; the gradient reaches the scores of winners only.
         column_gate = straight_through(columns.to(x.dtype), scores * columns)
         predicted = state["predicted"].view(b, c, m)
-        column_predicted = predicted.amax(-1)  # (B, C)
-        # Predicted cells fire; an active column with no predicted cell bursts (all cells fire).
-        cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - column_predicted).unsqueeze(-1))
-        bursting = columns & (column_predicted.detach() == 0)
-
-        winners, matched = self.choose_winners(state, columns, bursting)
-        hits = (columns & (column_predicted.detach() > 0)).sum(-1)
+        bursting = columns & (predicted.detach().amax(-1) == 0)
+        if bursting.any():
+            predicted = predicted + self.fallback(state, bursting)
+        # Predicted cells fire; an active column with no predicted cell bursts: its fallback
+        # cells fire, or all its cells when there are none.
+        cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - predicted.amax(-1)).unsqueeze(-1))
+        winners, matched = self.choose_winners(state, columns, bursting, cells.detach() > 0)
+        hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
         return LayerStep(x, state, columns, bursting, cells.view(b, -1), winners, matched, anomaly)
 
+    def fallback(self, state: State, bursting: torch.Tensor) -> torch.Tensor:
+        """Cells of the bursting columns predicted by *any* cell of the previous step's columns.
+
+        A specific context the layer has not learned yet (a symbol first seen after some noise
+        element) predicts nothing; the same symbol in any of its known contexts does. Firing
+        those cells keeps the first-order link, instead of a burst that would predict the union
+        of every sequence passing through this column. The column still counts as anomalous.
+        """
+        b, c, m = bursting.shape[0], self.columns, self.cells_per_column
+        context = state["columns"].repeat_interleave(m, dim=1)  # every cell of the last columns
+        predicted = self.soft_threshold(self.segments(context).amax(-1)).view(b, c, m)
+        return predicted * bursting.unsqueeze(-1)
+
     @torch.no_grad()
-    def choose_winners(self, state: State, columns: torch.Tensor, bursting: torch.Tensor):
-        """Winner cells: the predicted cells of active columns; in a bursting column the cell
-        with the best matching segment, else the least used cell (random tie-break)."""
+    def choose_winners(self, state: State, columns: torch.Tensor, bursting: torch.Tensor, cells: torch.Tensor):
+        """The cells that learn this context: the predicted cells of a predicted column; in a
+        bursting column (fallback or not) one winner, the cell with the best matching segment,
+        else the least used cell (random tie-break), so that a new context gets a new cell."""
         b, c, m = columns.shape[0], self.columns, self.cells_per_column
-        predicted = state["predicted"].view(b, c, m) > 0
-        winners = predicted & columns.unsqueeze(-1)
+        predicted = cells.view(b, c, m) & (columns & ~bursting).unsqueeze(-1)
 
         best = state["potential_overlap"].amax(-1).view(b, c, m)
         best_value, best_cell = best.max(-1)
@@ -177,20 +192,21 @@ class TemporalMemory(nn.Module):
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, least_used)
         burst_winner = F.one_hot(chosen, m).bool() & bursting.unsqueeze(-1)
-        return (winners | burst_winner).view(b, -1), matched
+        return (predicted | burst_winner).view(b, -1), matched
 
     def predict(self, step: LayerStep) -> State:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
         b = step.cells.shape[0]
-        active, potential = self.segments(step.cells)
+        active = self.segments(step.cells)
         predicted = self.soft_threshold(active.amax(-1))
         predicted_columns = predicted.view(b, self.columns, -1).amax(-1)
         return {
             "cells": step.cells,
             "winners": step.winners.to(step.cells.dtype),
+            "columns": step.columns.to(step.cells.dtype),
             "predicted": predicted,
             "active_overlap": active.detach(),
-            "potential_overlap": potential,
+            "potential_overlap": self.segments.potential_overlap(step.cells),
             "predicted_columns": predicted_columns,
             "prediction": self.decoder(predicted_columns),
             "anomaly": step.anomaly.detach(),
@@ -211,7 +227,7 @@ class TemporalMemory(nn.Module):
         prediction into x[t].
         """
         b = step.x.shape[0]
-        active, _ = self.segments(step.prev["cells"].detach())
+        active = self.segments(step.prev["cells"].detach())
         p = torch.sigmoid((active.amax(-1) - self.activation_threshold + 0.5) * self.sharpness)
         target = step.winners.to(p.dtype)
         segment_loss = F.binary_cross_entropy(p, target, reduction="sum") / (b * self.k)

@@ -1,0 +1,167 @@
+"""The temporal-memory layer and the stack: shapes, HTM semantics, learning-mode invariants."""
+
+import pytest
+import torch
+
+from predictive.learning import build
+from predictive.memory import TemporalMemory
+from predictive.stack import PredictiveStack
+
+LOCAL = build("local", new_synapses=6)
+SMALL = dict(
+    columns=64, cells=4, active_columns=8, segments=2, synapses=8, activation_threshold=4, matching_threshold=3
+)
+
+
+def codes(n_symbols=6, width=48, bits=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n_symbols, width)
+    for s in range(n_symbols):
+        out[s, torch.randperm(width, generator=g)[:bits]] = 1.0
+    return out
+
+
+def stream(symbols, repeats, batch=1):
+    c = codes()
+    return c[torch.tensor(symbols * repeats)].unsqueeze(0).expand(batch, -1, -1).contiguous()
+
+
+def starts(length, period):
+    return (torch.arange(length) % period == 0).unsqueeze(0)
+
+
+def test_first_step_bursts_then_a_learned_sequence_is_predicted():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL)
+    x = stream([0, 1, 2, 3, 4], 6)
+    out, _ = stack(x, stack.initial_state(1), reset=starts(30, 5), learning=build("local", new_synapses=6))
+    layer = stack.layers[0]
+    assert (out.anomaly[0, ::5] == 1.0).all()  # after a reset nothing is predicted: all burst
+    assert out.cells[0, 0].sum() == layer.k * layer.cells_per_column
+    # Once learned, each later step is predicted: one cell per active column, no anomaly.
+    last = out.cells[0, -4:]
+    assert (out.anomaly[0, -4:] == 0).all()
+    assert (last.sum(-1) == layer.k).all()
+    assert ((last == 0) | (last == 1)).all()
+
+
+def test_same_symbol_in_two_contexts_uses_different_cells():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL)
+    x = stream([0, 2, 3, 1, 2, 4], 8)  # symbol 2 after 0 and after 1
+    out, _ = stack(x, stack.initial_state(1), reset=starts(48, 3), learning=build("local", new_synapses=6))
+    after_0, after_1 = out.cells[0, -5], out.cells[0, -2]
+    layer_columns = lambda cells: cells.view(64, 4).amax(-1)  # noqa: E731
+    assert torch.equal(layer_columns(after_0), layer_columns(after_1))  # same columns: same input
+    assert (after_0 * after_1).sum() == 0  # disjoint cells: different contexts
+
+
+def test_reset_clears_only_the_masked_streams():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL)
+    x = stream([0, 1, 2, 3], 5, batch=2)
+    rule = build("local", new_synapses=6)
+    _, state = stack(x[:, :-1], stack.initial_state(2), reset=starts(19, 4).expand(2, -1), learning=rule)
+    reset = torch.tensor([[True], [False]])
+    out, _ = stack(x[:, -1:], state, reset=reset, learning=rule)  # symbol 3, predicted in context
+    assert out.anomaly[0, 0] == 1.0 and out.anomaly[1, 0] == 0.0
+
+
+def test_local_mode_head_loss_puts_no_gradient_into_the_stack():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL, dict(SMALL, columns=32)])
+    head = torch.nn.Linear(stack.output_size, 3)
+    rule = build("local", new_synapses=6)
+    out, _ = stack(stream([0, 1, 2], 4), stack.initial_state(1), learning=rule)
+    loss = head(rule.head_features(out.cells)).logsumexp(-1).sum() + rule.local_loss_weight * out.local_loss
+    loss.backward()
+    assert head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in stack.parameters())
+    assert out.cells.grad_fn is None and out.local_loss.grad_fn is None
+
+
+def test_backprop_mode_task_gradient_reaches_the_bottom_layer():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL, dict(SMALL, columns=32)])
+    with torch.no_grad():  # some connected synapses, so that segments carry gradient too
+        for layer in stack.layers:
+            layer.segments.permanence.uniform_(0.0, 1.0)
+    head = torch.nn.Linear(stack.output_size, 3)
+    out, _ = stack(stream([0, 1, 2], 3), stack.initial_state(1), learning=build("backprop"))
+    head(out.cells).logsumexp(-1).sum().backward()
+    bottom = stack.layers[0]
+    assert bottom.feedforward.parametrizations.weight.original.grad.abs().sum() > 0
+    assert bottom.segments.permanence.grad.abs().sum() > 0
+
+
+def test_each_layers_local_loss_reaches_only_its_own_parameters():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL, dict(SMALL, columns=32)])
+    with torch.no_grad():
+        for layer in stack.layers:
+            layer.segments.permanence.uniform_(0.0, 1.0)
+    rule = build("backprop")
+    states = stack.layer_states(stack.initial_state(2))
+    x = stream([0, 1, 2], 2, batch=2)
+    for t in range(x.shape[1]):
+        steps, states, _ = stack.step(x[:, t], states, None, rule)
+    for i, layer in enumerate(stack.layers):
+        stack.zero_grad(set_to_none=True)
+        layer.local_loss(steps[i]).backward(retain_graph=True)
+        own = [p.grad for p in layer.parameters() if p.grad is not None]
+        assert own and sum(g.abs().sum() for g in own) > 0
+        others = [p for j, other in enumerate(stack.layers) if j != i for p in other.parameters()]
+        assert all(p.grad is None for p in others)
+
+
+def saved_bytes(stack, rule, steps):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x = stream([0, 1, 2, 3, 4], steps // 5 + 1)[:, :steps]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stack(x, stack.initial_state(1), learning=rule)
+    return total
+
+
+def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL, dict(SMALL, columns=32)])
+    assert saved_bytes(stack, LOCAL, 100) == saved_bytes(stack, LOCAL, 2000) == 0
+    short, long = saved_bytes(stack, build("backprop"), 20), saved_bytes(stack, build("backprop"), 200)
+    assert long > 8 * short
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        (dict(active_columns=65), "active_columns"),
+        (dict(columns=0), "columns"),
+        (dict(cells=0), "cells"),
+        (dict(feedforward_sparsity=1.0), "sparsity"),
+        (dict(activation_threshold=9), "activation_threshold"),
+        (dict(matching_threshold=0), "matching_threshold"),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_the_setting(settings, name):
+    with pytest.raises(ValueError, match=name):
+        TemporalMemory(48, **{**SMALL, **settings})
+
+
+def test_input_of_the_wrong_width_is_rejected():
+    stack = PredictiveStack(48, 1, **SMALL)
+    with pytest.raises(ValueError, match="input_size=48"):
+        stack(torch.zeros(1, 3, 40), stack.initial_state(1))
+
+
+def test_bad_learning_settings_are_rejected():
+    with pytest.raises(ValueError, match="learning rule"):
+        build("evolution")
+    with pytest.raises(ValueError, match="initial_permanence"):
+        build("local", initial_permanence=0.0)
+    with pytest.raises(ValueError, match="local_loss_weight"):
+        build("hybrid", local_loss_weight=-1.0)
