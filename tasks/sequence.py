@@ -163,9 +163,11 @@ class SequenceTask(Task):
         for key in per_stream[0]:
             values = [s[key] for s in per_stream]
             defined = all(v is not None for v in values)
+            if len(values) == 1:  # the paper's protocol: the stream's own figure (ints stay ints)
+                out[key] = values[0]
+                continue
             out[key] = float(np.mean(values)) if defined else None
-            if len(values) > 1:
-                out[f"{key}_std"] = float(np.std(values)) if defined else None
+            out[f"{key}_std"] = float(np.std(values)) if defined else None
         out["us_per_element"] = 1e6 * self._seconds / self._elements if self._elements else None
         out["streams"] = len(self.streams)
         return out

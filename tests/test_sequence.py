@@ -72,6 +72,7 @@ def test_perfect_and_wrong_predictions_give_known_summaries():
     assert s["final_accuracy"] == 1.0 and s["end_accuracy"] == 1.0
     # The curve is defined once 100 scored sequences exist, about 850 elements in.
     assert 750 < s["elements_to_95"] < 950 and 750 < s["recovery_elements"] < 950
+    assert isinstance(s["elements_to_95"], int)  # counts stay counts in summary.json
     assert s["mean_anomaly"] == 0.25 and s["streams"] == 1 and s["us_per_element"] > 0
     x, y = task.curves()["accuracy"]
     assert x[0] == s["elements_to_95"] and set(y) == {1.0}
