@@ -95,13 +95,15 @@ def test_perfect_predictions_score_zero():
 
 
 def test_a_linear_head_on_the_codes_learns_the_daily_pattern():
-    """One prequential pass with no model at all (the head reads the encoder's codes): the
-    codes of value, time of day and day of week already carry a lot. Measured: MAPE 0.153,
-    NRMSE 0.46 (HTM: 0.081 / 0.286). Same seed, same numbers."""
+    """One prequential pass with no model at all (the head reads the encoder's codes) over
+    the first 11,000 records: the codes of value, time of day and day of week already beat
+    persistence (predict value[t] for value[t+5]: MAPE 0.335, NRMSE 0.93 on records
+    10,000-11,000) and the calibration mean (MAPE 0.43). Measured: 0.244 / 0.65. Same seed,
+    same numbers."""
 
     def run():
         torch.manual_seed(0)
-        task = TaxiTask(data_dir=DATA, chunk=100)
+        task = TaxiTask(data_dir=DATA, chunk=100, records=11000)
         dm = task.datamodule()
         head = task.build_head(task.input_size)
         opt = torch.optim.Adam(head.parameters(), 1e-2)
@@ -115,9 +117,9 @@ def test_a_linear_head_on_the_codes_learns_the_daily_pattern():
 
     task = run()
     s = task.summary()
-    assert s["mape"] < 0.2 and s["nrmse"] < 0.55 and s["nll"] < 2.0
+    assert s["mape"] < 0.3 and s["nrmse"] < 0.75 and s["nll"] < 2.0
     assert s == {**run().summary(), "us_per_element": s["us_per_element"]}
     # The state restores the scored predictions exactly.
-    again = TaxiTask(data_dir=DATA, chunk=100)
+    again = TaxiTask(data_dir=DATA, chunk=100, records=11000)
     again.load_state_dict(task.state_dict())
     assert {k: again.summary()[k] for k in ("nrmse", "mape", "nll")} == {k: s[k] for k in ("nrmse", "mape", "nll")}
