@@ -61,10 +61,12 @@ class PredictiveHebbian:
         if self.new_synapses < 1:
             raise ValueError(f"new_synapses must be >= 1, got {self.new_synapses}")
 
-    @torch.no_grad()
-    def __call__(self, layer: TemporalMemory, step: LayerStep) -> None:
+    def check(self, layer: TemporalMemory) -> None:
         if self.new_synapses > layer.segments.synapses:
             raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's synapses={layer.segments.synapses}")
+
+    @torch.no_grad()
+    def __call__(self, layer: TemporalMemory, step: LayerStep) -> None:
         layer.learning_steps += 1
         self.learn_segments(layer, step)
         self.learn_decoder(layer, step)
@@ -180,6 +182,9 @@ class LearningRule:
     def update(self, layer: TemporalMemory, step: LayerStep) -> None:
         """Explicit update of a local layer after its activation at step t."""
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise ValueError, before any training, if the rule cannot train `model`."""
+
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()
 
@@ -202,6 +207,11 @@ class Local(LearningRule):
 
     def update(self, layer: TemporalMemory, step: LayerStep) -> None:
         self.hebbian(layer, step)
+
+    def check(self, model: torch.nn.Module) -> None:
+        for layer in model.modules():
+            if isinstance(layer, TemporalMemory):
+                self.hebbian.check(layer)
 
     def __repr__(self) -> str:
         return f"Local({self.hebbian})"

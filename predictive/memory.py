@@ -74,6 +74,7 @@ class TemporalMemory(nn.Module):
         boost_strength: float = 0.0,
         duty_cycle_period: int = 1000,
         sharpness: float = 2.0,
+        first_order_fallback: bool = True,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -87,6 +88,7 @@ class TemporalMemory(nn.Module):
         self.activation_threshold = activation_threshold
         self.matching_threshold = matching_threshold
         self.sharpness = sharpness
+        self.first_order_fallback = first_order_fallback
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -153,7 +155,7 @@ class TemporalMemory(nn.Module):
         column_gate = straight_through(columns.to(x.dtype), scores * columns)
         predicted = state["predicted"].view(b, c, m)
         bursting = columns & (predicted.detach().amax(-1) == 0)
-        if bursting.any():
+        if self.first_order_fallback and bursting.any():
             predicted = predicted + self.fallback(state, bursting)
         # Predicted cells fire; an active column with no predicted cell bursts: its fallback
         # cells fire, or all its cells when there are none.

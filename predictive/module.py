@@ -40,6 +40,7 @@ class PredictiveModule(L.LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"learning.gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
         self.automatic_optimization = False
+        rule.check(model)
         self.task, self.rule, self.make_optimizer = task, rule, optimizer
         self.gradient_clip_val = gradient_clip_val
         self.encoder, self.model = task.encoder, model

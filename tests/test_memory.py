@@ -165,3 +165,5 @@ def test_bad_learning_settings_are_rejected():
         build("local", initial_permanence=0.0)
     with pytest.raises(ValueError, match="local_loss_weight"):
         build("hybrid", local_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
+        build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))

@@ -1,0 +1,135 @@
+"""Speed and memory of one temporal-memory layer, local vs backprop, beside torch's LSTM.
+
+    python benchmarks/core_speed.py                 # 2048 columns x 16 cells, batch 1 and 64
+    python benchmarks/core_speed.py --columns 512 --cells 8 --steps 50
+
+Prints time steps per second (one step = one element of every stream in the batch) and
+stream-steps per second, and the peak resident memory of a chunk of T=100 vs T=2000 steps in
+each mode, each measured in a fresh process. Segments are pre-filled with random synapses so
+the dendritic step does its full work from the first step (as after a long run).
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from predictive.baselines import LSTMModel
+from predictive.learning import build
+from predictive.stack import PredictiveStack
+
+
+def make_stack(args):
+    torch.manual_seed(0)
+    stack = PredictiveStack(
+        args.input_size, 1, columns=args.columns, cells=args.cells, active_columns=args.active_columns,
+        segments=args.segments, synapses=args.synapses, activation_threshold=13, matching_threshold=10,
+    )
+    with torch.no_grad():  # a used layer: every segment slot holds synapses
+        stack.layers[0].segments.permanence.uniform_(0.0, 1.0)
+    return stack
+
+
+def sdr_inputs(batch, steps, width, on=20):
+    scores = torch.rand(batch, steps, width)
+    return (scores >= scores.topk(on, dim=-1).values[..., -1:]).float()
+
+
+def run_chunk(model, rule, x, state):
+    if rule.name == "backprop":
+        out, state = model(x, state, learning=rule)
+        out.cells.sum().backward()  # the graph over the chunk, as BPTT builds and frees it
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            out, state = model(x, state, learning=rule)
+    return model.detach_state(state)
+
+
+def speed(model, mode, batch, steps, args):
+    rule = build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+    state = model.initial_state(batch)
+    x = sdr_inputs(batch, steps, args.input_size)
+    state = run_chunk(model, rule, x[:, :2], state)  # warm up
+    start = time.perf_counter()
+    run_chunk(model, rule, x, state)
+    seconds = time.perf_counter() - start
+    return steps / seconds
+
+
+def peak_memory(args, mode, steps):
+    """Peak RSS (MB) of one chunk of `steps` at batch 1, in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-child", mode, str(steps), *sys.argv[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_child(args, mode, steps):
+    """One chunk step by step, keeping only what the mode must keep: nothing in local mode,
+    the graph of the whole chunk in backprop mode (the head's per-step outputs, B x T x N,
+    come on top of this in both modes)."""
+    model = make_stack(args)
+    rule = build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+    x = sdr_inputs(1, steps, args.input_size)
+    states = model.layer_states(model.initial_state(1))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total = x.new_zeros(())
+    for t in range(steps):
+        steps_out, states, _ = model.step(x[:, t], states, None, rule)
+        if mode == "backprop":
+            total = total + steps_out[-1].cells.sum()
+    if mode == "backprop":
+        total.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mb": before, "peak_mb": after, "chunk_mb": after - before}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--columns", type=int, default=2048)
+    p.add_argument("--cells", type=int, default=16)
+    p.add_argument("--active-columns", type=int, default=40)
+    p.add_argument("--segments", type=int, default=4)
+    p.add_argument("--synapses", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20, help="time steps timed per configuration")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--memory-columns", type=int, default=512, help="layer size for the T=100 vs T=2000 memory run")
+    p.add_argument("--memory-cells", type=int, default=8)
+    p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.memory_child:
+        mode, steps = args.memory_child
+        args.columns, args.cells = args.memory_columns, args.memory_cells
+        return memory_child(args, mode, int(steps))
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    stack = make_stack(args)
+    synapses = stack.layers[0].segments.permanence.numel()
+    lstm = LSTMModel(args.input_size, hidden_size=1024)
+    print(f"layer: {args.columns} columns x {args.cells} cells, {args.segments} segments x {args.synapses} "
+          f"synapses ({synapses / 1e6:.1f} M synapse slots), input {args.input_size}; torch threads "
+          f"{torch.get_num_threads()}; baseline: LSTM, 1024 hidden units")
+    print(f"{'batch':>5} {'mode':>9} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
+    for batch in args.batches:
+        lstm_rate = speed(lstm, "backprop", batch, args.steps, args)
+        for mode in ("local", "backprop"):
+            rate = speed(stack, mode, batch, args.steps, args)
+            ratio = rate / lstm_rate
+            print(f"{batch:>5} {mode:>9} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
+
+    print(f"\npeak memory of one chunk, batch 1, {args.memory_columns} columns x {args.memory_cells} cells "
+          "(resident MB above the model; fresh process each)")
+    print(f"{'mode':>9} {'T=100':>9} {'T=2000':>9} {'ratio':>7}")
+    for mode in ("local", "backprop"):
+        short, long = peak_memory(args, mode, 100), peak_memory(args, mode, 2000)
+        ratio = long["chunk_mb"] / max(short["chunk_mb"], 1.0)
+        print(f"{mode:>9} {short['chunk_mb']:>9.1f} {long['chunk_mb']:>9.1f} {ratio:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()
