@@ -34,6 +34,8 @@ def build(cfg: DictConfig, name: str, **kwargs):
 
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     # Build (and so validate) everything before any training starts.
     task = build(cfg.task, "task")
     model = build(cfg.model, "model", input_size=task.input_size)

@@ -122,6 +122,13 @@ class DistalSegments(nn.Module):
             self.presynaptic.random_(0, self.presynaptic_cells)
             self.last_learned.fill_(-1)
 
+    @torch.no_grad()
+    def randomize(self) -> None:
+        """Random permanences in [0, 1) on random cells: about half the synapses connected,
+        the starting point for learning by gradient (local learning starts empty and grows)."""
+        self.permanence.uniform_(0.0, 1.0)
+        self.presynaptic.random_(0, self.presynaptic_cells)
+
     def forward(self, activity: torch.Tensor) -> torch.Tensor:
         """Connected overlap of every segment with `activity`: the number of connected synapses
         onto active cells (weighted by activity). Differentiable in permanence and activity,

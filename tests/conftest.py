@@ -5,12 +5,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real data sets beside the repository (../shared/data), unless the caller points elsewhere.
 os.environ.setdefault("PREDICTIVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never talk to the wandb servers
 os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)  # many small ops per time step: one thread is faster (see configs/config.yaml)
 
 # 4 chunks of 20 steps through a 64-column layer: a few seconds per run.
 TINY = [
