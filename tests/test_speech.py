@@ -1,7 +1,7 @@
 """Speech task: audio loading, log-mel features, data sets and splits, augmentation, noise sweep."""
 import logging
-from pathlib import Path
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,7 +250,7 @@ def test_noise_sweep_levels_and_fixed_noise():
 
 # --- the task ----------------------------------------------------------------------------------
 
-def test_speech_task_on_a_folder_data_set(tmp_path):
+def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     from tasks.speech.task import SpeechTask
 
     for cls, freq in (("low", 300), ("high", 2000)):
@@ -281,5 +281,23 @@ def test_speech_task_on_a_folder_data_set(tmp_path):
     summary = task.summary()
     assert summary["test_accuracy"] == 1.0 and summary["noise_accuracy_by_level"]["0.5"] == n_high / n_test
     assert (tmp_path / "out" / "confusion_test.png").stat().st_size > 1000
+    assert f"speech results in {(tmp_path / 'out').resolve()}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="task.dataset"):
         SpeechTask(dataset="timit", root=tmp_path / "d")
+
+
+@pytest.mark.parametrize("preset", ["speech_fsdd", "speech_commands"])
+def test_speech_presets_compose_with_either_model(preset):
+    """experiment=speech_* picks the speech task and a CPU-sized stack; model=lstm still wins."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    with initialize_config_dir(str(configs), version_base="1.3"):
+        stack = compose("config", overrides=[f"experiment={preset}", "paths.output_dir=x"])
+        lstm = compose("config", overrides=[f"experiment={preset}", "model=lstm", "paths.output_dir=x"])
+    assert stack.task._target_.endswith("SpeechTask") and lstm.task == stack.task
+    assert stack.model.columns * stack.model.cells <= 4096  # minutes on a CPU, not hours
+    assert lstm.model._target_.endswith("LSTMModel")
+    for cfg in (stack, lstm):
+        assert instantiate(cfg.model, input_size=cfg.task.n_mels).output_size > 0

@@ -4,8 +4,8 @@ Only the standard library's `wave` and numpy/scipy are used, so no audio backend
 installed. Python 3.11's `wave` reads plain PCM headers (what Speech Commands and FSDD ship);
 WAVE_FORMAT_EXTENSIBLE headers need Python >= 3.12 and are reported as unreadable before that.
 """
-from math import gcd
 import wave
+from math import gcd
 
 import numpy as np
 from scipy.signal import resample_poly

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .audio import AudioError, fix_length, load_clip, read_wav, resample
-from .datasets import Clip, SPLITS
+from .datasets import SPLITS, Clip
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,17 @@
 Splits are speaker-disjoint and deterministic: they depend only on file names, never on the
 order files are listed in or on a random seed.
 """
-from dataclasses import dataclass
 import hashlib
 import logging
 import math
-from pathlib import Path
 import re
 import shutil
 import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ The run's own config (`<run>/.hydra/config.yaml`) rebuilds task, model and learn
 `<run>/evaluate/summary.json`, and are printed.
 """
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
-from hydra.utils import instantiate
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from predictive.module import PredictiveModule

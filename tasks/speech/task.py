@@ -12,8 +12,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from tasks.base import Task
 
 from . import datasets as ds
-from .augment import Augment
 from .audio import read_wav, resample
+from .augment import Augment
 from .data import SpeechData
 from .features import LogMel
 from .head import SegmentPoolHead
@@ -143,6 +143,12 @@ class SpeechTask(Task):
             self._results.update(noise_score=int(correct.sum()), noise_accuracy_by_level=by_level,
                                  confusion_matrix=self._confusion.compute().tolist())
             self._write_confusion()
+            out = Path(self.output_dir or ".").resolve()
+            ckpt = out / "checkpoints" / "last.ckpt"
+            print(f"speech results in {out}: test_accuracy={metrics['accuracy']:.4f}, "
+                  f"noise_score={int(correct.sum())} (summary.json, confusion_test.png"
+                  + (f"; re-test: python -m tasks.speech.evaluate ckpt={ckpt})" if ckpt.is_file() else ")"),
+                  flush=True)
         self._results[f"{stage}_accuracy"] = metrics["accuracy"]
         return metrics
 
