@@ -3,10 +3,15 @@
     python benchmarks/core_speed.py                 # 2048 columns x 16 cells, batch 1 and 64
     python benchmarks/core_speed.py --columns 512 --cells 8 --steps 50
 
+Backprop through 2000 steps keeps the whole graph: at 512 columns x 8 cells it passed 20 GB,
+so the memory comparison uses a small layer by default (--memory-columns, --memory-cells).
+
 Prints time steps per second (one step = one element of every stream in the batch) and
 stream-steps per second, and the peak resident memory of a chunk of T=100 vs T=2000 steps in
-each mode, each measured in a fresh process. Segments are pre-filled with random synapses so
-the dendritic step does its full work from the first step (as after a long run).
+each mode, each measured in a fresh process. The overlap step costs the same whatever the
+permanences (every synapse slot is visited); the learning step depends on how many segments
+learn, so the local layer is timed after `--warmup` steps of the same kind of input, and the
+backprop layer starts from random synapses, as the rule gives it.
 """
 
 import argparse
@@ -23,20 +28,28 @@ from predictive.learning import build
 from predictive.stack import PredictiveStack
 
 
-def make_stack(args):
+def make_stack(args, mode):
     torch.manual_seed(0)
     stack = PredictiveStack(
         args.input_size, 1, columns=args.columns, cells=args.cells, active_columns=args.active_columns,
         segments=args.segments, synapses=args.synapses, activation_threshold=13, matching_threshold=10,
     )
-    with torch.no_grad():  # a used layer: every segment slot holds synapses
-        stack.layers[0].segments.permanence.uniform_(0.0, 1.0)
-    return stack
+    rule = make_rule(mode)
+    rule.check(stack)  # backprop: random initial synapses
+    if mode == "local":  # a layer that has learned for a while
+        run_chunk(stack, rule, sdr_inputs(1, args.warmup, args.input_size, vocabulary=50), stack.initial_state(1))
+    return stack, rule
 
 
-def sdr_inputs(batch, steps, width, on=20):
-    scores = torch.rand(batch, steps, width)
-    return (scores >= scores.topk(on, dim=-1).values[..., -1:]).float()
+def make_rule(mode):
+    return build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+
+
+def sdr_inputs(batch, steps, width, on=20, vocabulary=50):
+    """Random sequences over a vocabulary of fixed sparse codes (on of width bits each)."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.zeros(vocabulary, width).scatter_(1, torch.rand(vocabulary, width, generator=g).topk(on).indices, 1.0)
+    return codes[torch.randint(vocabulary, (batch, steps), generator=g)]
 
 
 def run_chunk(model, rule, x, state):
@@ -50,8 +63,7 @@ def run_chunk(model, rule, x, state):
     return model.detach_state(state)
 
 
-def speed(model, mode, batch, steps, args):
-    rule = build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+def speed(model, rule, batch, steps, args):
     state = model.initial_state(batch)
     x = sdr_inputs(batch, steps, args.input_size)
     state = run_chunk(model, rule, x[:, :2], state)  # warm up
@@ -72,8 +84,7 @@ def memory_child(args, mode, steps):
     """One chunk step by step, keeping only what the mode must keep: nothing in local mode,
     the graph of the whole chunk in backprop mode (the head's per-step outputs, B x T x N,
     come on top of this in both modes)."""
-    model = make_stack(args)
-    rule = build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+    model, rule = make_stack(args, mode)
     x = sdr_inputs(1, steps, args.input_size)
     states = model.layer_states(model.initial_state(1))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -98,27 +109,30 @@ def main():
     p.add_argument("--input-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20, help="time steps timed per configuration")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--memory-columns", type=int, default=512, help="layer size for the T=100 vs T=2000 memory run")
-    p.add_argument("--memory-cells", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=200, help="steps the local layer learns before it is timed")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (train.py's default is 1)")
+    p.add_argument("--memory-columns", type=int, default=128, help="layer size for the T=100 vs T=2000 memory run")
+    p.add_argument("--memory-cells", type=int, default=4)
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         mode, steps = args.memory_child
         args.columns, args.cells = args.memory_columns, args.memory_cells
         return memory_child(args, mode, int(steps))
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    stack = make_stack(args)
-    synapses = stack.layers[0].segments.permanence.numel()
+    torch.set_num_threads(args.threads)
+    stacks = {mode: make_stack(args, mode) for mode in ("local", "backprop")}
+    synapses = stacks["local"][0].layers[0].segments.permanence.numel()
     lstm = LSTMModel(args.input_size, hidden_size=1024)
     print(f"layer: {args.columns} columns x {args.cells} cells, {args.segments} segments x {args.synapses} "
           f"synapses ({synapses / 1e6:.1f} M synapse slots), input {args.input_size}; torch threads "
           f"{torch.get_num_threads()}; baseline: LSTM, 1024 hidden units")
     print(f"{'batch':>5} {'mode':>9} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
     for batch in args.batches:
-        lstm_rate = speed(lstm, "backprop", batch, args.steps, args)
-        for mode in ("local", "backprop"):
-            rate = speed(stack, mode, batch, args.steps, args)
+        lstm_rate = speed(lstm, make_rule("backprop"), batch, args.steps, args)
+        for mode, (stack, rule) in stacks.items():
+            rate = speed(stack, rule, batch, args.steps, args)
             ratio = rate / lstm_rate
             print(f"{batch:>5} {mode:>9} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
 
