@@ -45,16 +45,27 @@ def score(stream: high_order.Stream, predictions: np.ndarray, endings: int) -> d
 
 
 def run_project(name: str, seed: int, args) -> dict:
-    import train
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    import train
+
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        overrides = [*PROJECT[name], f"seed={seed}", f"task.endings={args.endings}", f"task.length={args.length}",
-                     f"task.switch_after={args.switch_after}", "logger=none", "trainer.enable_progress_bar=false",
-                     f"checkpoint.every_n_train_steps={10**9}", f"paths.output_dir={out}"]
+        overrides = [
+            *PROJECT[name],
+            f"seed={seed}",
+            f"task.endings={args.endings}",
+            f"task.length={args.length}",
+            f"task.switch_after={args.switch_after}",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            f"checkpoint.every_n_train_steps={10**9}",
+            f"paths.output_dir={out}",
+        ]
         # "--override local:model.columns=1024" applies to one system, "--override x=y" to all.
-        overrides += [o.split(":", 1)[-1] for o in args.override if ":" not in o.split("=")[0] or o.startswith(f"{name}:")]
+        overrides += [
+            o.split(":", 1)[-1] for o in args.override if ":" not in o.split("=")[0] or o.startswith(f"{name}:")
+        ]
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         summary = train.train(cfg)
@@ -104,7 +115,12 @@ def main():
     p.add_argument("--length", type=int, default=20000)
     p.add_argument("--switch-after", type=int, default=10000)
     p.add_argument("--systems", default=",".join([*PROJECT, *PEERS]))
-    p.add_argument("--override", action="append", default=[], help="extra Hydra override for the project runs: key=value, or system:key=value for one system")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra Hydra override for the project runs: key=value, or system:key=value for one system",
+    )
     args = p.parse_args()
     data_dir = Path(os.environ.get("PREDICTIVE_DATA_DIR", ROOT / "data"))
     normal, perturbed = high_order.load_sets(data_dir / "high_order_sequences" / "sequences.json", args.endings)

@@ -44,7 +44,9 @@ def load_sets(path: str | Path, endings: int) -> tuple[list[list[int]], list[lis
         raise ValueError(f"task.endings must be one of {ENDINGS}, got {endings}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"high-order sequence sets not found: {path} (set paths.data_dir or PREDICTIVE_DATA_DIR)")
+        raise FileNotFoundError(
+            f"high-order sequence sets not found: {path} (set paths.data_dir or PREDICTIVE_DATA_DIR)"
+        )
     try:
         sets = json.loads(path.read_text())["sets"][str(endings)]
         return sets["normal"], sets["perturbed"]

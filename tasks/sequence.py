@@ -66,8 +66,21 @@ class SequenceTask(Task):
 
     streaming = True
 
-    def __init__(self, data_dir="data", endings=1, streams=1, seed=0, length=20000, switch_after=10000,
-                 chunk=50, features="prediction", resets=False, code_size=2048, code_active=41, window=100):
+    def __init__(
+        self,
+        data_dir="data",
+        endings=1,
+        streams=1,
+        seed=0,
+        length=20000,
+        switch_after=10000,
+        chunk=50,
+        features="prediction",
+        resets=False,
+        code_size=2048,
+        code_active=41,
+        window=100,
+    ):
         if streams < 1:
             raise ValueError(f"task.streams must be >= 1, got {streams}")
         if features not in FEATURES:
@@ -92,8 +105,12 @@ class SequenceTask(Task):
         # The prediction made at t is of element t+1; -1 marks "no next element".
         next_symbol = np.concatenate([symbols[:, 1:], np.full((len(symbols), 1), -1)], axis=1)
         next_scored = np.concatenate([scored[:, 1:], np.zeros((len(symbols), 1), bool)], axis=1)
-        arrays = {"symbol": symbols, "next": next_symbol, "next_scored": next_scored,
-                  "start": np.stack([s.start for s in self.streams])}
+        arrays = {
+            "symbol": symbols,
+            "next": next_symbol,
+            "next_scored": next_scored,
+            "start": np.stack([s.start for s in self.streams]),
+        }
         return ArrayStreams(arrays, self.chunk)
 
     def reset_mask(self, batch):
@@ -134,7 +151,9 @@ class SequenceTask(Task):
 
     def _stream_summary(self, i: int) -> dict:
         positions = np.flatnonzero(self._correct[i] >= 0)
-        s = high_order.summarize(positions, self._correct[i, positions], self.length, self.streams[i].switch, self.window)
+        s = high_order.summarize(
+            positions, self._correct[i, positions], self.length, self.streams[i].switch, self.window
+        )
         seen = ~np.isnan(self._anomaly[i])
         s["mean_anomaly"] = float(self._anomaly[i, seen].mean()) if seen.any() else None
         return s
@@ -178,8 +197,12 @@ class SequenceTask(Task):
         return {"accuracy": ((defined + 1).tolist(), curve[defined].tolist())}
 
     def state_dict(self):
-        return {"correct": torch.from_numpy(self._correct.copy()), "anomaly": torch.from_numpy(self._anomaly.copy()),
-                "seconds": self._seconds, "elements": self._elements}
+        return {
+            "correct": torch.from_numpy(self._correct.copy()),
+            "anomaly": torch.from_numpy(self._anomaly.copy()),
+            "seconds": self._seconds,
+            "elements": self._elements,
+        }
 
     def load_state_dict(self, state):
         self._correct = state["correct"].numpy().copy()

@@ -117,8 +117,12 @@ class DelayedHead(nn.Module):
         self.pending = every[:, -self.horizon :].detach()
         value, logits = self.value(every).squeeze(-1), self.logits(every)
         now, known = pending.shape[1], max(every.shape[1] - self.horizon, 0)
-        return {"value": value[:, now:], "logits": logits[:, now:],
-                "learn_value": value[:, :known], "learn_logits": logits[:, :known]}
+        return {
+            "value": value[:, now:],
+            "logits": logits[:, now:],
+            "learn_value": value[:, :known],
+            "learn_logits": logits[:, :known],
+        }
 
 
 class TaxiTask(Task):
@@ -137,9 +141,24 @@ class TaxiTask(Task):
 
     streaming = True
 
-    def __init__(self, data_dir="data", variant="original", file=None, records=None, horizon=5, score_from=10000, chunk=50,
-                 features="cells", calibration=1000, value_size=400, time_size=240, day_size=147, active=21,
-                 nll_buckets=22, nll_range=(0.0, 40000.0)):
+    def __init__(
+        self,
+        data_dir="data",
+        variant="original",
+        file=None,
+        records=None,
+        horizon=5,
+        score_from=10000,
+        chunk=50,
+        features="cells",
+        calibration=1000,
+        value_size=400,
+        time_size=240,
+        day_size=147,
+        active=21,
+        nll_buckets=22,
+        nll_range=(0.0, 40000.0),
+    ):
         if file is None:
             if variant not in FILES:
                 raise ValueError(f"task.variant must be one of {sorted(FILES)}, got {variant!r}")
@@ -157,17 +176,23 @@ class TaxiTask(Task):
             self.values, minutes, days = self.values[:records], minutes[:records], days[:records]
         n = len(self.values)
         if not horizon <= score_from < n - horizon:
-            raise ValueError(f"task.score_from must be in [{horizon}, {n - horizon}) for {path.name} ({n} records), got {score_from}")
+            raise ValueError(
+                f"task.score_from must be in [{horizon}, {n - horizon}) for {path.name} ({n} records), got {score_from}"
+            )
         self.path, self.horizon, self.score_from, self.chunk, self.features = path, horizon, score_from, chunk, features
         self._arrays = {"value": self.values[None], "minute": minutes[None], "weekday": days[None]}
         head = self.values[: min(calibration, n)]
         low, high = head.min(), head.max()
         margin = 0.1 * (high - low) or 1.0
-        self.encoder = SeriesInput(ScalarEncoder(low - margin, high + margin, value_size, active), time_size, day_size, active)
+        self.encoder = SeriesInput(
+            ScalarEncoder(low - margin, high + margin, value_size, active), time_size, day_size, active
+        )
         self.input_size = self.encoder.output_size
         self.mean, self.std = float(head.mean()), float(head.std()) or 1.0
         self.nll_buckets = nll_buckets
-        self.nll_range = tuple(nll_range) if nll_range is not None else (float(self.values.min()), float(self.values.max()))
+        self.nll_range = (
+            tuple(nll_range) if nll_range is not None else (float(self.values.min()), float(self.values.max()))
+        )
         self.head, self._pending = None, None  # _pending: restored before the head was built
         self._prediction = np.full(n, np.nan)  # prediction of value[i], made at i - horizon
         self._probs = np.full((n, nll_buckets), np.nan)
@@ -214,9 +239,11 @@ class TaxiTask(Task):
         if stage != "train" or len(scored) == 0:
             return {}
         truth = self.values[scored]
-        return {"nrmse": nrmse(self._prediction[scored], truth, float(self.values.std())),
-                "mape": mape(self._prediction[scored], truth),
-                "nll": bucket_nll(self._probs[scored], truth, *self.nll_range)}
+        return {
+            "nrmse": nrmse(self._prediction[scored], truth, float(self.values.std())),
+            "mape": mape(self._prediction[scored], truth),
+            "nll": bucket_nll(self._probs[scored], truth, *self.nll_range),
+        }
 
     def summary(self):
         out = {key: None for key in ("nrmse", "mape", "nll")}
@@ -236,8 +263,13 @@ class TaxiTask(Task):
 
     def state_dict(self):
         pending = None if self.head is None or self.head.pending is None else self.head.pending.cpu()
-        return {"prediction": torch.from_numpy(self._prediction.copy()), "probs": torch.from_numpy(self._probs.copy()),
-                "pending": pending, "seconds": self._seconds, "elements": self._elements}
+        return {
+            "prediction": torch.from_numpy(self._prediction.copy()),
+            "probs": torch.from_numpy(self._probs.copy()),
+            "pending": pending,
+            "seconds": self._seconds,
+            "elements": self._elements,
+        }
 
     def load_state_dict(self, state):
         self._prediction = state["prediction"].numpy().copy()

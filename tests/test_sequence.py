@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 import train
-
 from tasks.sequence import OverlapHead, SequenceTask
 
 DATA = os.environ["PREDICTIVE_DATA_DIR"]  # set by conftest.py
@@ -121,14 +120,16 @@ def test_state_dict_round_trip_resumes_the_metrics():
     dm_b = b.datamodule()
     answer = oracle(b, right=lambda index: index % 3 != 0)
     for index in range(30):
-        b.update_metrics("train", answer(dm_b.chunk(index)), dm_b.chunk(index),
-                         SimpleNamespace(anomaly=torch.full((1, 40), 0.25)))
+        b.update_metrics(
+            "train", answer(dm_b.chunk(index)), dm_b.chunk(index), SimpleNamespace(anomaly=torch.full((1, 40), 0.25))
+        )
     state = b.state_dict()
     c = make()
     c.load_state_dict(state)
     for index in range(30, dm_a.num_chunks):
-        c.update_metrics("train", answer(dm_b.chunk(index)), dm_b.chunk(index),
-                         SimpleNamespace(anomaly=torch.full((1, 40), 0.25)))
+        c.update_metrics(
+            "train", answer(dm_b.chunk(index)), dm_b.chunk(index), SimpleNamespace(anomaly=torch.full((1, 40), 0.25))
+        )
     sa, sc = a.summary(), c.summary()
     for key in ("final_accuracy", "elements_to_95", "recovery_elements", "end_accuracy", "mean_anomaly"):
         assert sa[key] == sc[key], key
@@ -154,10 +155,16 @@ def test_overlap_head_decodes_codes_and_loss_skips_noise():
     assert isinstance(make(features="predicted").build_head(64), torch.nn.Linear)
 
 
-@pytest.mark.parametrize("setting, value, match", [
-    ("streams", 0, "task.streams"), ("features", "bogus", "task.features"),
-    ("endings", 3, "task.endings"), ("window", 0, "task.window"), ("chunk", 0, "task.chunk"),
-])
+@pytest.mark.parametrize(
+    "setting, value, match",
+    [
+        ("streams", 0, "task.streams"),
+        ("features", "bogus", "task.features"),
+        ("endings", 3, "task.endings"),
+        ("window", 0, "task.window"),
+        ("chunk", 0, "task.chunk"),
+    ],
+)
 def test_bad_settings_are_named(setting, value, match):
     with pytest.raises(ValueError, match=match):
         make(**{setting: value}).datamodule()
@@ -174,10 +181,24 @@ def test_learns_through_the_real_stack_and_harness(tmp_path):
     1), while only the noise and each sequence's first element stay unpredictable (2 of
     about 8.5 elements)."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True, overrides=[
-            *TINY, "task.length=400", "task.switch_after=300", "task.chunk=100", "task.window=10",
-            "model.columns=128", "model.active_columns=16", "model.activation_threshold=6", "model.matching_threshold=4", "checkpoint.every_n_train_steps=100", "logger=none",
-            f"paths.output_dir={tmp_path}"])
+        cfg = compose(
+            "config",
+            return_hydra_config=True,
+            overrides=[
+                *TINY,
+                "task.length=400",
+                "task.switch_after=300",
+                "task.chunk=100",
+                "task.window=10",
+                "model.columns=128",
+                "model.active_columns=16",
+                "model.activation_threshold=6",
+                "model.matching_threshold=4",
+                "checkpoint.every_n_train_steps=100",
+                "logger=none",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
     HydraConfig.instance().set_config(cfg)
     train.train(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())

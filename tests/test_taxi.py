@@ -46,9 +46,17 @@ def test_reads_nab_files_and_names_bad_rows(tmp_path):
         TaxiTask(data_dir=tmp_path, file="missing.csv")
 
 
-@pytest.mark.parametrize("kw, match", [({"variant": "odd"}, "task.variant"), ({"features": "prediction"}, "task.features"),
-                                       ({"score_from": 17518}, "task.score_from"), ({"horizon": 0}, "task.horizon"),
-                                       ({"records": 0}, "task.records"), ({"records": 9000}, "task.score_from")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"variant": "odd"}, "task.variant"),
+        ({"features": "prediction"}, "task.features"),
+        ({"score_from": 17518}, "task.score_from"),
+        ({"horizon": 0}, "task.horizon"),
+        ({"records": 0}, "task.records"),
+        ({"records": 9000}, "task.score_from"),
+    ],
+)
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         TaxiTask(data_dir=DATA, **kw)
@@ -147,11 +155,27 @@ def test_resume_through_the_harness_is_exact(tmp_path, one_thread):
 
     def run(out, *extra):
         with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("config", return_hydra_config=True, overrides=[
-                "task=taxi", "task.records=300", "task.score_from=100", "task.chunk=50", "learning=backprop",
-                "model.columns=64", "model.cells=4", "model.active_columns=8", "model.activation_threshold=4",
-                "model.matching_threshold=3", "logger=none", "trainer.enable_progress_bar=false",
-                "checkpoint.every_n_train_steps=1", f"paths.output_dir={out}", *extra])
+            cfg = compose(
+                "config",
+                return_hydra_config=True,
+                overrides=[
+                    "task=taxi",
+                    "task.records=300",
+                    "task.score_from=100",
+                    "task.chunk=50",
+                    "learning=backprop",
+                    "model.columns=64",
+                    "model.cells=4",
+                    "model.active_columns=8",
+                    "model.activation_threshold=4",
+                    "model.matching_threshold=3",
+                    "logger=none",
+                    "trainer.enable_progress_bar=false",
+                    "checkpoint.every_n_train_steps=1",
+                    f"paths.output_dir={out}",
+                    *extra,
+                ],
+            )
         HydraConfig.instance().set_config(cfg)
         return train.train(cfg)
 
