@@ -9,6 +9,8 @@ Outputs go to the Hydra run dir (outputs/<task>/<time>/): .hydra/config.yaml, ch
 summary.json, logs. Resume with `ckpt_path=<run dir>/checkpoints/last.ckpt` (and the same overrides).
 """
 
+import os
+
 import hydra
 import lightning as L
 import torch
@@ -63,7 +65,11 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    summary = train(cfg)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        shown = {k: v for k, v in summary.items() if isinstance(v, float) and "/" not in k}
+        print(f"\nresults in {cfg.paths.output_dir}: summary.json, checkpoints/last.ckpt, plots (*.png)")
+        print("  " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":
