@@ -6,7 +6,7 @@ from torch import nn
 
 from predictive.learning import Backprop, LearningRule
 from predictive.sparse import check_positive
-from predictive.stack import StackOutput
+from predictive.stack import StackOutput, check_input, detach_state
 
 State = dict[str, torch.Tensor]
 
@@ -34,9 +34,7 @@ class LSTMModel(nn.Module):
         shape = (self.num_layers, batch_size, self.hidden_size)
         return {"h": torch.zeros(shape, device=device), "c": torch.zeros(shape, device=device)}
 
-    @staticmethod
-    def detach_state(state: State) -> State:
-        return {name: value.detach() for name, value in state.items()}
+    detach_state = staticmethod(detach_state)
 
     def forward(
         self,
@@ -46,8 +44,7 @@ class LSTMModel(nn.Module):
         learning: LearningRule | None = None,
     ) -> tuple[StackOutput, State]:
         """x: (B, T, D); reset: (B, T) bool or None."""
-        if x.dim() != 3 or x.shape[-1] != self.input_size:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={self.input_size})")
+        check_input(x, self.input_size)
         rule = learning or Backprop()
         local = rule.is_local(0)
         h, c = state["h"], state["c"]

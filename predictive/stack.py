@@ -12,6 +12,17 @@ from predictive.memory import TemporalMemory
 State = dict[str, torch.Tensor]
 
 
+def check_input(x: torch.Tensor, input_size: int) -> None:
+    """A chunk must be (batch, time, input_size)."""
+    if x.dim() != 3 or x.shape[-1] != input_size:
+        raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={input_size})")
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between chunks (truncated BPTT), keeping the values."""
+    return {name: value.detach() for name, value in state.items()}
+
+
 @dataclass
 class StackOutput:
     """Outputs of a chunk of T steps for B streams."""
@@ -58,9 +69,7 @@ class PredictiveStack(nn.Module):
             for name, value in layer.initial_state(batch_size, device).items()
         }
 
-    @staticmethod
-    def detach_state(state: State) -> State:
-        return {name: value.detach() for name, value in state.items()}
+    detach_state = staticmethod(detach_state)
 
     def layer_states(self, state: State) -> list[State]:
         states = [{} for _ in self.layers]
@@ -94,8 +103,7 @@ class PredictiveStack(nn.Module):
         learning: LearningRule | None = None,
     ) -> tuple[StackOutput, State]:
         """x: (B, T, D); reset: (B, T) bool or None; learning: the rule (default backprop)."""
-        if x.dim() != 3 or x.shape[-1] != self.input_size:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={self.input_size})")
+        check_input(x, self.input_size)
         rule = learning or Backprop()
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
