@@ -159,15 +159,20 @@ def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     assert b"train/loss" in log and b"train/anomaly" in log  # the metrics are in the run's log
 
 
-def test_multirun_writes_comparison(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = cli("train.py", "-m", *[o for o in TINY if not o.startswith("logger")], "logger=none",
-                 "trainer.max_steps=2", "learning=local,backprop,hybrid", f"hydra.sweep.dir={sweep}")
+def test_multirun_writes_comparison(tmp_path, monkeypatch):
+    # From another folder, with the default sweep dir (multirun/<time>/ under the cwd).
+    overrides = [o for o in TINY if not o.startswith("logger")]
+    command = [sys.executable, str(ROOT / "train.py"), "-m", *overrides, "logger=none", "trainer.max_steps=2",
+               "learning=local,backprop,hybrid"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
     table = (sweep / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sequence |")]
     assert sorted(row.split(" | ")[1] for row in rows) == ["backprop", "hybrid", "local"]
     assert "steps_per_second" in table and "±" in table
     assert (sweep / "metrics.png").exists() and (sweep / "curve_accuracy.png").exists()
     os.remove(sweep / "comparison.md")
-    assert report.write_report(sweep).read_text() == table  # rebuilt from the run dirs alone
+    monkeypatch.chdir(tmp_path)  # the report names the dir as given, here relative to the cwd
+    rebuilt = report.write_report(sweep.relative_to(tmp_path)).read_text()
+    assert rebuilt == table  # rebuilt from the run dirs alone
