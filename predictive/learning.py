@@ -43,7 +43,7 @@ class PredictiveHebbian:
 
     permanence_increment: float = 0.1
     permanence_decrement: float = 0.02
-    predicted_decrement: float = 0.1
+    predicted_decrement: float = 0.05
     burst_decrement: float = 0.03
     initial_permanence: float = 0.6
     new_synapses: int = 20

@@ -57,6 +57,9 @@ class TemporalMemory(nn.Module):
         boost_strength: homeostatic boosting of column selection (0: off).
         duty_cycle_period: horizon of the column duty cycles used by boosting.
         sharpness: slope of the soft threshold that carries gradients in backprop mode.
+        first_order_fallback: an unpredicted column fires the cells that any cell of the last
+            step's columns predicts, instead of all its cells (off by default: on the
+            high-order stream with never-repeating noise it merged contexts, see docs/core.md).
     """
 
     def __init__(
@@ -74,7 +77,7 @@ class TemporalMemory(nn.Module):
         boost_strength: float = 0.0,
         duty_cycle_period: int = 1000,
         sharpness: float = 2.0,
-        first_order_fallback: bool = True,
+        first_order_fallback: bool = False,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)

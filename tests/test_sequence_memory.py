@@ -4,8 +4,9 @@ Set "1": every sequence shares its middle with another that starts and ends diff
 the last element depends on the first, six steps back; a first-order predictor cannot pass
 50% on it. One continuous stream, a never-repeating noise element after each sequence.
 
-Known gap: learning is not yet robust across streams. On stream seed 1 (this test) the
-accuracy reaches 1.00 and holds at about 0.85; on seeds 0 and 2 it peaks at 0.77 and 0.86.
+Stream seeds 0, 1, 2 with these settings: the accuracy peaks at 0.94, 1.00, 0.96 and averages
+0.87, 0.99, 0.90 over the last 1,000 elements; this test runs seed 1. Not every stream
+reaches 95% yet (see docs/core.md).
 """
 
 import os
@@ -43,4 +44,4 @@ def test_local_online_learning_holds_high_order_context():
         guess = int((codes @ states[0]["prediction"][0]).argmax())  # most likely next symbol
     curve = accuracy_curve(np.flatnonzero(stream.scored), np.array(correct), len(stream.symbols))
     assert np.nanmax(curve) >= 0.95  # right at least 95% of the time within 10,000 elements
-    assert np.nanmean(curve[-1000:]) > 0.8  # and it stays well above first order (0.5)
+    assert np.nanmean(curve[-1000:]) > 0.9  # and it stays far above first order (0.5)
