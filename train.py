@@ -36,7 +36,9 @@ def build(cfg: DictConfig, name: str, **kwargs):
 
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.torch_threads:
+    if cfg.torch_threads is not None:
+        if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 1:
+            raise ValueError(f"torch_threads must be a positive integer or null, got {cfg.torch_threads!r}")
         torch.set_num_threads(cfg.torch_threads)
     # Build (and so validate) everything before any training starts.
     task = build(cfg.task, "task")

@@ -77,6 +77,7 @@ def test_wrong_override_gets_hydra_error():
     ("optimizer.lr=-0.1", "learning rate"),
     ("model.active_columns=100", "active_columns"),  # more active columns than the 64 columns
     ("task.chunk=0", "task.chunk"),
+    ("torch_threads=0", "torch_threads"),
 ])
 def test_bad_value_is_a_value_error_naming_it(tmp_path, override, setting):
     with pytest.raises(ValueError, match=setting):
