@@ -5,7 +5,7 @@ and the NAB format (`timestamp,value`, one header row).
 
 Prequential: the prediction at step t of value[t+horizon] is recorded before anything is
 learned from it, and the head learns that target only once value[t+horizon] is in the past
-(`DelayedHead`). Scored from record `score_from` on (`nrmse`, `mape`, `nll`).
+(`BucketHead`). Scored from record `score_from` on (`nrmse`, `mape`, `nll`).
 """
 
 import csv
@@ -94,35 +94,127 @@ class SeriesInput(nn.Module):
         return torch.cat([self.value(batch["value"]), self.minute(batch["minute"]), self.weekday(batch["weekday"])], -1)
 
 
-class DelayedHead(nn.Module):
-    """Linear readouts of the value `horizon` steps ahead (standardised) and of its bucket
-    probabilities.
+def soft_targets(bucket: torch.Tensor, buckets: int, sigma: float) -> torch.Tensor:
+    """(...) bucket indices -> (..., buckets) target distributions: one-hot for sigma = 0, else
+    a Gaussian over bucket distance (neighbouring buckets are close values, so a miss by one
+    bucket is not a miss by ten)."""
+    if sigma <= 0:
+        return F.one_hot(bucket, buckets).float()
+    distance = torch.arange(buckets, device=bucket.device) - bucket.unsqueeze(-1)
+    q = torch.exp(-0.5 * (distance / sigma) ** 2)
+    return q / q.sum(-1, keepdim=True)
+
+
+class BucketHead(nn.Module):
+    """A per-bucket softmax readout of the value `horizon` steps ahead (HTM's SDR classifier),
+    learned online, one element at a time.
+
+    The value range `edges` is cut into K buckets; the readout gives a distribution over them,
+    and the prediction is `mix` x its mean + (1 - mix) x its median, both over each bucket's
+    running mean of the values seen in it. The weights learn by the task loss itself: per
+    element, one normalised SGD step on the cross-entropy against (Gaussian-smoothed) bucket
+    targets, W += rate * f (q - p)^T / |f|^2 (`learn`, called by `TaxiTask.loss`), so the head
+    learns at every element whatever the chunk length and the optimizer's period. Only the
+    per-bucket bias is a parameter that the harness's optimizer trains (it also gives the task
+    loss its gradient path into the model in backprop and hybrid modes, where the features
+    are not detached).
+
+    Readout features (`readout`): "cells" (the model's output as is), "columns" (the maximum
+    over each group of `group` units: a temporal-memory layer's active columns), or "both".
 
     Keeps the last `horizon` feature vectors (detached) of each stream: their targets arrive
     with the next chunk, so they are learned then. `forward` returns the predictions for the
-    chunk ("value", "logits") and, for learning, the outputs of every step whose target is
-    now in the past ("learn_value", "learn_logits", aligned with the last steps of the chunk).
+    chunk ("value", "probs" over `nll_edges`, "logits") and, for learning, the logits and
+    features of every step whose target is now in the past ("learn_logits", "learn_features",
+    aligned with the last steps of the chunk).
     """
 
-    def __init__(self, feature_size: int, horizon: int, buckets: int):
+    def __init__(
+        self,
+        feature_size: int,
+        horizon: int,
+        edges: torch.Tensor,
+        nll_edges: torch.Tensor,
+        rate: float = 6.0,
+        sigma: float = 1.0,
+        mix: float = 0.3,
+        readout: str = "both",
+        group: int = 1,
+    ):
         super().__init__()
-        self.horizon = horizon
-        self.value = nn.Linear(feature_size, 1)
-        self.logits = nn.Linear(feature_size, buckets)
-        self.pending = None  # (B, <= horizon, F); saved and restored by TaxiTask.state_dict
+        if readout not in ("cells", "columns", "both"):
+            raise ValueError(f"task.readout must be 'cells', 'columns' or 'both', got {readout!r}")
+        if group < 1 or feature_size % group:
+            raise ValueError(f"task.group ({group}) must divide the model's output size ({feature_size})")
+        if rate <= 0 or sigma < 0 or not 0 <= mix <= 1:
+            raise ValueError(f"task.rate must be > 0, task.sigma >= 0, task.mix in [0, 1]; got {rate}, {sigma}, {mix}")
+        self.horizon, self.rate, self.sigma, self.mix = horizon, rate, sigma, mix
+        self.readout, self.group = readout, group
+        columns = feature_size // group
+        size = {"cells": feature_size, "columns": columns, "both": feature_size + columns}[readout]
+        buckets = len(edges) - 1
+        self.register_buffer("edges", edges.double())
+        centers = (edges[:-1] + edges[1:]).double() / 2
+        self.register_buffer("centers", centers)
+        self.register_buffer("weight", torch.zeros(size, buckets))  # learned by `learn`, not by the optimizer
+        self.bias = nn.Parameter(torch.zeros(buckets))
+        self.register_buffer("value_sum", torch.zeros(buckets, dtype=torch.float64))
+        self.register_buffer("value_count", torch.zeros(buckets, dtype=torch.float64))
+        # Bucket -> NLL bucket (by the bucket's centre), to report the NLL on the task's buckets.
+        to_nll = torch.bucketize(centers, nll_edges.double()[1:-1].contiguous())
+        self.register_buffer("to_nll", F.one_hot(to_nll, len(nll_edges) - 1).double())
+        self.pending = None  # (B, <= horizon, features); saved and restored by TaxiTask.state_dict
 
-    def forward(self, features: torch.Tensor) -> dict:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.readout == "cells":
+            return x
+        columns = x.unflatten(-1, (-1, self.group)).amax(-1)
+        return columns if self.readout == "columns" else torch.cat([x, columns], -1)
+
+    def bucket(self, value: torch.Tensor) -> torch.Tensor:
+        inner = self.edges[1:-1].contiguous()
+        return torch.bucketize(value.double().contiguous(), inner)
+
+    def bucket_values(self) -> torch.Tensor:
+        """Each bucket's mean of the values seen in it (its centre until it has seen one)."""
+        seen = self.value_count > 0
+        return torch.where(seen, self.value_sum / self.value_count.clamp(min=1), self.centers)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        features = self.features(x)
         pending = features[:, :0] if self.pending is None else self.pending.to(features)
         every = torch.cat([pending.detach(), features], 1)
         self.pending = every[:, -self.horizon :].detach()
-        value, logits = self.value(every).squeeze(-1), self.logits(every)
+        # A copy: `learn` changes the weights in place before the task loss's backward pass.
+        logits = every @ self.weight.clone() + self.bias
         now, known = pending.shape[1], max(every.shape[1] - self.horizon, 0)
+        with torch.no_grad():
+            p = logits[:, now:].double().softmax(-1)
+            values = self.bucket_values()
+            median = values[(p.cumsum(-1) < 0.5).sum(-1).clamp(max=len(values) - 1)]
+            value = self.mix * (p @ values) + (1 - self.mix) * median
         return {
-            "value": value[:, now:],
+            "value": value,
+            "probs": p @ self.to_nll,
             "logits": logits[:, now:],
-            "learn_value": value[:, :known],
             "learn_logits": logits[:, :known],
+            "learn_features": every[:, :known].detach(),
         }
+
+    @torch.no_grad()
+    def learn(self, features: torch.Tensor, target: torch.Tensor):
+        """One SGD step per element, in order: features (B, n, F) of the steps whose targets
+        (B, n) (raw values) are now known. Streams are averaged."""
+        bucket = self.bucket(target)
+        q = soft_targets(bucket, self.weight.shape[1], self.sigma)
+        norm = features.pow(2).sum(-1).clamp(min=1e-6)  # (B, n): |f|^2, the number of active units
+        for t in range(features.shape[1]):
+            f = features[:, t]
+            p = (f @ self.weight + self.bias).softmax(-1)
+            step = (self.rate / features.shape[0]) * (q[:, t] - p) / norm[:, t, None]
+            self.weight.addmm_(f.t(), step)
+            self.value_sum.index_add_(0, bucket[:, t].flatten(), target[:, t].double().flatten())
+            self.value_count.index_add_(0, bucket[:, t].flatten(), torch.ones_like(target[:, t], dtype=torch.float64))
 
 
 class TaxiTask(Task):
@@ -133,10 +225,16 @@ class TaxiTask(Task):
         variant: "original" | "perturbed" (ignored when `file` is set).
         file: a NuPIC or NAB CSV, absolute or relative to data_dir (e.g.
             nab/data/realKnownCause/machine_temperature_system_failure.csv).
-        calibration: the first records, which fix the value encoder's range and the head's
-            standardisation (the series' later range is not known in advance online).
+        calibration: the first records, which fix the value encoder's and the head's ranges
+            (the series' later range is not known in advance online).
         records: use only the first `records` records (quick runs); null: all.
         nll_range: [low, high] of the NLL buckets; null: the series' min and max.
+        buckets, head_margin: the head's value buckets: `buckets` equal ones over the
+            calibration range widened by `head_margin` x its width on each side (values outside
+            fall in the end buckets, whose running means follow them).
+        rate, sigma, mix, readout, group: the head's (`BucketHead`) per-element learning rate,
+            target smoothing (in buckets), mean/median mix, readout features and cells per
+            column (the configs pass `model.cells`).
     """
 
     streaming = True
@@ -158,6 +256,13 @@ class TaxiTask(Task):
         active=21,
         nll_buckets=22,
         nll_range=(0.0, 40000.0),
+        buckets=100,
+        head_margin=0.25,
+        rate=6.0,
+        sigma=1.0,
+        mix=0.3,
+        readout="both",
+        group=1,
     ):
         if file is None:
             if variant not in FILES:
@@ -188,7 +293,11 @@ class TaxiTask(Task):
             ScalarEncoder(low - margin, high + margin, value_size, active), time_size, day_size, active
         )
         self.input_size = self.encoder.output_size
-        self.mean, self.std = float(head.mean()), float(head.std()) or 1.0
+        if buckets < 2 or head_margin < 0:
+            raise ValueError(f"task.buckets must be >= 2 and task.head_margin >= 0, got {buckets}, {head_margin}")
+        spread = head_margin * (high - low) or 1.0
+        self.head_edges = torch.linspace(low - spread, high + spread, buckets + 1, dtype=torch.float64)
+        self.head_settings = {"rate": rate, "sigma": sigma, "mix": mix, "readout": readout, "group": group}
         self.nll_buckets = nll_buckets
         self.nll_range = (
             tuple(nll_range) if nll_range is not None else (float(self.values.min()), float(self.values.max()))
@@ -202,21 +311,30 @@ class TaxiTask(Task):
         return ArrayStreams(self._arrays, self.chunk)
 
     def build_head(self, feature_size):
-        self.head = DelayedHead(feature_size, self.horizon, self.nll_buckets)
+        nll_edges = torch.linspace(*self.nll_range, self.nll_buckets + 1, dtype=torch.float64)
+        self.head = BucketHead(feature_size, self.horizon, self.head_edges, nll_edges, **self.head_settings)
         self.head.pending = self._pending
         return self.head
 
     def _bucket(self, value: torch.Tensor) -> torch.Tensor:
+        """The NLL bucket of each value."""
         low, high = self.nll_range
         return ((value - low) / (high - low) * self.nll_buckets).long().clamp(0, self.nll_buckets - 1)
 
     def loss(self, head_out, batch):
-        known = head_out["learn_value"].shape[1]
+        """Cross-entropy of the steps whose targets are now known, against smoothed bucket
+        targets. In training the head first learns these steps one by one (`BucketHead.learn`);
+        the returned loss (logits from before that) carries the gradient into the model in
+        backprop and hybrid modes, and into the head's bias."""
+        logits = head_out["learn_logits"]
+        known = logits.shape[1]
         if known == 0:
-            return head_out["value"].sum() * 0.0
-        target = batch["value"][:, -known:].float()  # value[t + horizon] of each learnable step t
-        mse = F.mse_loss(head_out["learn_value"], (target - self.mean) / self.std)
-        return mse + F.cross_entropy(head_out["learn_logits"].flatten(0, 1), self._bucket(target).flatten())
+            return head_out["logits"].sum() * 0.0
+        target = batch["value"][:, -known:]  # value[t + horizon] of each learnable step t
+        if self.head.training:
+            self.head.learn(head_out["learn_features"], target)
+        q = soft_targets(self.head.bucket(target), logits.shape[-1], self.head.sigma)
+        return -(q * logits.log_softmax(-1)).sum(-1).mean()
 
     def update_metrics(self, stage, head_out, batch, out):
         if stage != "train":
@@ -228,8 +346,8 @@ class TaxiTask(Task):
         self._last = now
         target = batch["index"][0].cpu().numpy() + self.horizon
         inside = target < len(self.values)
-        value = head_out["value"][0].detach().double().cpu().numpy() * self.std + self.mean
-        probs = head_out["logits"][0].detach().double().softmax(-1).cpu().numpy()
+        value = head_out["value"][0].detach().double().cpu().numpy()
+        probs = head_out["probs"][0].detach().double().cpu().numpy()
         self._prediction[target[inside]] = value[inside]
         self._probs[target[inside]] = probs[inside]
 

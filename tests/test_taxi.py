@@ -1,5 +1,6 @@
-"""TaxiTask: reading NuPIC/NAB files, the delayed (prequential) head, metrics by hand, and a
-whole pass over the real taxi series with a linear head on the encoder's codes."""
+"""TaxiTask: reading NuPIC/NAB files, the delayed (prequential) bucket head and its
+per-element learning, metrics by hand, and a pass over the real taxi series with the head on
+the encoder's codes."""
 
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.taxi import DelayedHead, TaxiTask, bucket_nll, mape, nrmse, read_series
+from tasks.taxi import BucketHead, TaxiTask, bucket_nll, mape, nrmse, read_series, soft_targets
 
 DATA = Path(os.environ["PREDICTIVE_DATA_DIR"])  # set by conftest.py
 TAXI = DATA / "sequence_prediction" / "nyc_taxi.csv"
@@ -55,6 +56,7 @@ def test_reads_nab_files_and_names_bad_rows(tmp_path):
         ({"horizon": 0}, "task.horizon"),
         ({"records": 0}, "task.records"),
         ({"records": 9000}, "task.score_from"),
+        ({"buckets": 1}, "task.buckets"),
     ],
 )
 def test_bad_settings_are_named(kw, match):
@@ -73,20 +75,64 @@ def test_metrics_by_hand():
     assert bucket_nll(probs[:1], np.array([1e9]), 0.0, 40.0) == pytest.approx(-np.log(0.01))  # clipped to the top
 
 
+def edges(n=10):
+    return torch.linspace(0.0, 10.0, n + 1, dtype=torch.float64)
+
+
 def test_delayed_head_learns_each_target_once_it_is_past():
     # Features are the step number; with horizon 2, step s is learned with value[s + 2], which
     # is the chunk's value at the same offset from the end as s + 2.
-    head = DelayedHead(1, horizon=2, buckets=3)
-    with torch.no_grad():
-        head.value.weight.fill_(1.0), head.value.bias.zero_()
+    head = BucketHead(1, horizon=2, edges=edges(), nll_edges=edges(2), readout="cells")
     seen = []
     for chunk in (torch.arange(0, 3), torch.arange(3, 4), torch.arange(4, 8)):
         out = head(chunk.float()[None, :, None])
-        assert torch.equal(out["value"][0], chunk.float())  # a prediction for every step
-        learned = out["learn_value"][0].long().tolist()
+        assert out["value"].shape == out["probs"].shape[:2] == (1, len(chunk))  # a prediction for every step
+        assert torch.allclose(out["probs"].sum(-1), torch.ones(1, len(chunk), dtype=torch.float64))
+        learned = out["learn_features"][0, :, 0].long().tolist()
+        assert out["learn_logits"].shape[1] == len(learned)
         seen += learned
         assert all(s + 2 <= int(chunk[-1]) for s in learned)  # its target is already seen
     assert seen == list(range(6))  # every step learned exactly once, none lost at chunk ends
+
+
+def test_the_head_learns_every_element_whatever_the_chunk():
+    """One SGD step per element, in order: chunks of 1, 7 or 40 steps end with the same weights
+    (the optimizer's period does not matter), and after a few repeats of a two-pattern stream
+    the head predicts each pattern's value from its code."""
+    codes = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]])
+    pattern = torch.arange(40) % 2
+    feats, values = codes[pattern], torch.where(pattern == 0, 2.5, 7.5)  # value[t] belongs to step t - 1
+
+    def run(chunk):
+        head = BucketHead(4, horizon=1, edges=edges(), nll_edges=edges(2), readout="cells", sigma=0.0)
+        predictions = []
+        for start in range(0, 40, chunk):
+            out = head(feats[None, start : start + chunk])
+            known, end = out["learn_features"].shape[1], min(start + chunk, 40)
+            if known:
+                head.learn(out["learn_features"], values[None, end - known : end])
+            predictions += out["value"][0].tolist()
+        return head, predictions
+
+    heads = [run(chunk) for chunk in (1, 7, 40)]
+    for head, _ in heads[1:]:
+        assert torch.allclose(head.weight, heads[0][0].weight, atol=1e-6)
+    # Prequential with one-step chunks: pattern 0 is followed by 7.5, pattern 1 by 2.5.
+    assert heads[0][1][-2:] == pytest.approx([7.5, 2.5], abs=0.05)
+
+
+def test_soft_targets_and_readouts():
+    q = soft_targets(torch.tensor([0, 5]), 10, sigma=1.0)
+    assert torch.allclose(q.sum(-1), torch.ones(2)) and q[1].argmax() == 5 and q[1, 4] == q[1, 6]
+    assert torch.equal(soft_targets(torch.tensor([3]), 5, 0.0), torch.eye(5)[[3]])
+    cells = torch.tensor([[[0.0, 1, 0, 0, 1, 1]]])  # 3 columns x 2 cells
+    both = BucketHead(6, 1, edges(), edges(2), readout="both", group=2)
+    assert both.features(cells).tolist() == [[[0.0, 1, 0, 0, 1, 1, 1, 0, 1]]]
+    assert BucketHead(6, 1, edges(), edges(2), readout="columns", group=2).features(cells).tolist() == [[[1.0, 0, 1]]]
+    with pytest.raises(ValueError, match="task.group"):
+        BucketHead(6, 1, edges(), edges(2), group=4)
+    with pytest.raises(ValueError, match="task.readout"):
+        BucketHead(6, 1, edges(), edges(2), readout="odd")
 
 
 def test_perfect_predictions_score_zero():
@@ -95,8 +141,8 @@ def test_perfect_predictions_score_zero():
     for i in range(dm.num_chunks):
         batch = dm.chunk(i)
         ahead = torch.from_numpy(np.append(task.values, [0] * 5)[batch["index"][0] + 5])[None]
-        probs = torch.nn.functional.one_hot(task._bucket(ahead), 22).double() * 50
-        task.update_metrics("train", {"value": (ahead - task.mean) / task.std, "logits": probs}, batch, None)
+        probs = torch.nn.functional.one_hot(task._bucket(ahead), 22).double()
+        task.update_metrics("train", {"value": ahead, "probs": probs}, batch, None)
     s = task.summary()
     assert s["nrmse"] == pytest.approx(0, abs=1e-9) and s["mape"] == pytest.approx(0, abs=1e-9)
     assert s["nll"] == pytest.approx(0, abs=1e-9)
@@ -112,16 +158,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_a_linear_head_on_the_codes_learns_the_daily_pattern(one_thread):
+def test_the_head_on_the_codes_learns_the_daily_pattern(one_thread):
     """One prequential pass with no model at all (the head reads the encoder's codes) over
     the first 11,000 records: the codes of value, time of day and day of week already beat
     persistence (predict value[t] for value[t+5]: MAPE 0.335, NRMSE 0.93 on records
-    10,000-11,000) and the calibration mean (MAPE 0.43). Measured: 0.244 / 0.65. Same seed,
-    same numbers."""
+    10,000-11,000) and the calibration mean (MAPE 0.43). Measured: MAPE 0.146 / NRMSE 0.50 /
+    NLL 1.78. Same seed, same numbers."""
 
     def run():
         torch.manual_seed(0)
-        task = TaxiTask(data_dir=DATA, chunk=100, records=11000)
+        task = TaxiTask(data_dir=DATA, chunk=100, records=11000, readout="cells")
         dm = task.datamodule()
         head = task.build_head(task.input_size)
         opt = torch.optim.Adam(head.parameters(), 1e-2)
@@ -135,7 +181,7 @@ def test_a_linear_head_on_the_codes_learns_the_daily_pattern(one_thread):
 
     task = run()
     s = task.summary()
-    assert s["mape"] < 0.3 and s["nrmse"] < 0.75 and s["nll"] < 2.0
+    assert s["mape"] < 0.2 and s["nrmse"] < 0.6 and s["nll"] < 2.0
     assert s == {**run().summary(), "us_per_element": s["us_per_element"]}
     # The state restores the scored predictions exactly.
     again = TaxiTask(data_dir=DATA, chunk=100, records=11000)
