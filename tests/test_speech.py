@@ -235,6 +235,37 @@ def test_augmentation_only_in_training_and_reproducible():
     assert moved.abs().max() <= 1600 and len(moved.unique()) > 20  # random shifts of <= 100 ms
 
 
+def test_white_noise_augmentation_mixes_like_the_sweep_in_training_only():
+    clean = torch.zeros(2000, 800)
+    aug = Augment(8000, shift_ms=0, gain_db=0, noise_prob=0, white_noise_prob=0.5, white_noise_max=0.2)
+    assert torch.equal(aug.eval()(clean), clean)
+    torch.manual_seed(0)
+    noisy = aug.train()(clean)
+    level = noisy.abs().amax(1)  # silence + a U(-1, 1): peak just under a
+    mixed = level > 0
+    assert 0.4 < mixed.float().mean() < 0.6 and level.max() < 0.2 and level[mixed].min() >= 0
+    assert abs(noisy[mixed].mean()) < 0.01
+    ones = Augment(8000, shift_ms=0, gain_db=0, noise_prob=0, white_noise_prob=1.0, white_noise_max=0.2)
+    # A full-scale clip is scaled by (1 - a), never clipped out of [-1, 1].
+    assert ones.train()(torch.ones(100, 800)).abs().max() <= 1.0
+    with pytest.raises(ValueError, match="white_noise_prob"):
+        Augment(white_noise_prob=2.0)
+
+
+def test_head_pools_cells_per_column():
+    from tasks.speech.head import SegmentPoolHead
+
+    head = SegmentPoolHead(12, 3, segments=2, cells_per_column=4)
+    assert head.linear.in_features == 3 * 2
+    cells = torch.zeros(1, 6, 12)
+    cells[0, :, 1] = 1  # column 0 through its second cell ...
+    other = cells.clone()
+    other[0, :, :4] = 1  # ... or bursting: the same column features
+    torch.testing.assert_close(head(cells), head(other))
+    with pytest.raises(ValueError, match="cells_per_column"):
+        SegmentPoolHead(10, 3, cells_per_column=4)
+
+
 def test_noise_sweep_levels_and_fixed_noise():
     clips = ClipSet(torch.full((3, 1000), 16384, dtype=torch.int16), torch.tensor([0, 1, 2]))
     sweep = NoiseSweep(clips, [0.0, 0.25, 0.5], seed=7)
@@ -296,8 +327,12 @@ def test_speech_presets_compose_with_either_model(preset):
     with initialize_config_dir(str(configs), version_base="1.3"):
         stack = compose("config", overrides=[f"experiment={preset}", "paths.output_dir=x"])
         lstm = compose("config", overrides=[f"experiment={preset}", "model=lstm", "paths.output_dir=x"])
-    assert stack.task._target_.endswith("SpeechTask") and lstm.task == stack.task
+    assert stack.task._target_.endswith("SpeechTask")
+    same = lambda task: {k: v for k, v in task.items() if k != "cells_per_column"}  # noqa: E731
+    assert same(lstm.task) == same(stack.task)
     assert stack.model.columns * stack.model.cells <= 4096  # minutes on a CPU, not hours
     assert lstm.model._target_.endswith("LSTMModel")
+    assert stack.task.cells_per_column == stack.model.cells and lstm.task.cells_per_column == 1
     for cfg in (stack, lstm):
-        assert instantiate(cfg.model, input_size=cfg.task.n_mels).output_size > 0
+        width = cfg.task.n_mels * (2 if cfg.task.deltas else 1)
+        assert instantiate(cfg.model, input_size=width).output_size > 0

@@ -42,7 +42,7 @@ class SpeechTask(Task):
                  unknown_percent=10.0, silence_percent=10.0, skip_bad_files=False,
                  sample_rate=16000, clip_seconds=1.0, n_mels=40, n_fft=512, win_ms=25.0,
                  hop_ms=10.0, f_min=20.0, f_max=None, mel_scale="slaney", normalize="utterance",
-                 deltas=False, augment=None, segments=4, head_dropout=0.0,
+                 deltas=False, augment=None, segments=4, head_dropout=0.0, cells_per_column=1,
                  noise_levels=tuple(i / 20 for i in range(11)), noise_seed=0, batch_size=32,
                  output_dir=None):
         self.samples = int(round(sample_rate * clip_seconds))
@@ -75,6 +75,7 @@ class SpeechTask(Task):
                                              **(augment or {})), logmel)
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout = segments, head_dropout
+        self.cells_per_column = cells_per_column
         self.noise_levels = list(noise_levels)
         self.output_dir = output_dir
         n = len(self.classes)
@@ -104,7 +105,8 @@ class SpeechTask(Task):
         return mask
 
     def build_head(self, feature_size):
-        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout)
+        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout,
+                               self.cells_per_column)
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
