@@ -1,4 +1,5 @@
 """Speech task: audio loading, log-mel features, data sets and splits, augmentation, noise sweep."""
+
 import logging
 import wave
 from pathlib import Path
@@ -39,6 +40,7 @@ def tone(freq, seconds, rate, amp=0.5):
 
 # --- audio loading -------------------------------------------------------------------------
 
+
 def test_stereo_is_mixed_down_and_8k_is_resampled_to_16k(tmp_path):
     left, right = tone(440, 0.5, 8000), tone(440, 0.5, 8000, amp=0.1)
     path = write_wav(tmp_path / "s.wav", np.stack([left, right], 1), 8000)
@@ -68,8 +70,12 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path):
     eight_bit = tmp_path / "u8.wav"
     with wave.open(str(eight_bit), "wb") as f:
         f.setnchannels(1), f.setsampwidth(1), f.setframerate(8000), f.writeframes(bytes(100))
-    for path, why in [(empty, "no samples"), (truncated, "truncated"), (text, "not a readable wav"),
-                      (eight_bit, "8-bit")]:
+    for path, why in [
+        (empty, "no samples"),
+        (truncated, "truncated"),
+        (text, "not a readable wav"),
+        (eight_bit, "8-bit"),
+    ]:
         with pytest.raises(AudioError, match=why) as e:
             read_wav(path)
         assert str(path) in str(e.value)
@@ -91,6 +97,7 @@ def test_decode_stops_on_a_bad_file_or_skips_and_counts_it(tmp_path, caplog):
 
 # --- features --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scale", ["slaney", "htk"])
 def test_mel_filterbank_matches_librosa(scale):
     librosa = pytest.importorskip("librosa")
@@ -104,8 +111,20 @@ def test_log_mel_of_a_real_clip_matches_librosa_power_spectrogram():
     librosa = pytest.importorskip("librosa")
     y = load_clip(next((GSC / "yes").glob("*.wav")), 16000, 16000)
     ours = LogMel(normalize="none")(torch.from_numpy(y)[None])[0].numpy()
-    power = np.abs(librosa.stft(y.astype(np.float64), n_fft=512, hop_length=160, win_length=400,
-                                window="hann", center=True, pad_mode="constant")) ** 2
+    power = (
+        np.abs(
+            librosa.stft(
+                y.astype(np.float64),
+                n_fft=512,
+                hop_length=160,
+                win_length=400,
+                window="hann",
+                center=True,
+                pad_mode="constant",
+            )
+        )
+        ** 2
+    )
     ref = np.log(librosa.filters.mel(sr=16000, n_fft=512, n_mels=40, fmin=20.0) @ power + 1e-6).T
     assert ours.shape == ref.shape == (101, 40)
     # float32 STFT vs float64: log-mel agrees to 1e-3 nats everywhere (measured ~1e-5).
@@ -128,6 +147,7 @@ def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
 
 
 # --- data sets and splits --------------------------------------------------------------------
+
 
 def fake_gsc(root, speakers=12):
     """A v0.02-like tree: 3 command words + 1 other word, `_silence_`, 2 takes per speaker."""
@@ -173,8 +193,11 @@ def test_shipped_test_set_is_split_speaker_disjoint_with_12_balanced_classes():
     sizes = {s: sum(c.split == s for c in balanced) for s in ds.SPLITS}
     assert sizes == {"train": 3992, "val": 482, "test": 415}
     speakers = {s: {c.speaker for c in balanced if c.split == s and c.word != ds.SILENCE} for s in ds.SPLITS}
-    assert not (speakers["train"] & speakers["val"] or speakers["train"] & speakers["test"]
-                or speakers["val"] & speakers["test"])
+    assert not (
+        speakers["train"] & speakers["val"]
+        or speakers["train"] & speakers["test"]
+        or speakers["val"] & speakers["test"]
+    )
     labels = {ds.gsc_label(c.word, "12") for c in balanced if c.split == "test"}
     assert labels == {*ds.GSC_WORDS, ds.SILENCE, ds.UNKNOWN}
     assert len({ds.gsc_label(c.word, "full") for c in clips}) == 36  # 35 words + _silence_
@@ -218,6 +241,7 @@ def test_folder_dataset_and_missing_data_errors(tmp_path):
 
 
 # --- augmentation and noise ------------------------------------------------------------------
+
 
 def test_augmentation_only_in_training_and_reproducible():
     audio = torch.from_numpy(tone(300, 1.0, 16000).astype(np.float32)).repeat(4, 1)
@@ -281,14 +305,23 @@ def test_noise_sweep_levels_and_fixed_noise():
 
 # --- the task ----------------------------------------------------------------------------------
 
+
 def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     from tasks.speech.task import SpeechTask
 
     for cls, freq in (("low", 300), ("high", 2000)):
         for n in range(40):
             write_wav(tmp_path / "d" / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
-    task = SpeechTask(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, segments=2,
-                      noise_levels=[0.0, 0.5], output_dir=tmp_path / "out", batch_size=8)
+    task = SpeechTask(
+        dataset="folder",
+        root=tmp_path / "d",
+        clip_seconds=0.5,
+        n_mels=20,
+        segments=2,
+        noise_levels=[0.0, 0.5],
+        output_dir=tmp_path / "out",
+        batch_size=8,
+    )
     assert task.classes == ["high", "low"] and task.input_size == 20 and not task.streaming
     data = task.datamodule()
     data.setup()

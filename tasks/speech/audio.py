@@ -4,6 +4,7 @@ Only the standard library's `wave` and numpy/scipy are used, so no audio backend
 installed. Python 3.11's `wave` reads plain PCM headers (what Speech Commands and FSDD ship);
 WAVE_FORMAT_EXTENSIBLE headers need Python >= 3.12 and are reported as unreadable before that.
 """
+
 import wave
 from math import gcd
 
@@ -49,7 +50,7 @@ def fix_length(x: np.ndarray, length: int) -> np.ndarray:
     n = len(x)
     if n >= length:
         start = (n - length) // 2
-        return x[start:start + length]
+        return x[start : start + length]
     left = (length - n) // 2
     return np.pad(x, (left, length - n - left))
 
@@ -58,4 +59,3 @@ def load_clip(path, sample_rate: int, length: int) -> np.ndarray:
     """One file as a float32 clip of exactly `length` samples at `sample_rate`."""
     x, rate = read_wav(path)
     return fix_length(resample(x, rate, sample_rate), length)
-

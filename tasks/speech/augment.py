@@ -7,14 +7,23 @@ probability `white_noise_prob` a clip becomes (1 - a) A + a U(-1, 1), a drawn un
 [0, white_noise_max), the same mixing as the test-time noise sweep (Ahmad & Scheinkman 2019).
 Active only in training mode, so validation, test and the noise sweep see the clean clips.
 """
+
 import torch
 from torch import nn
 
 
 class Augment(nn.Module):
-    def __init__(self, sample_rate=16000, shift_ms=100.0, gain_db=6.0, noise_prob=0.8,
-                 noise_volume=0.1, white_noise_prob=0.0, white_noise_max=0.1,
-                 noise: torch.Tensor | None = None):
+    def __init__(
+        self,
+        sample_rate=16000,
+        shift_ms=100.0,
+        gain_db=6.0,
+        noise_prob=0.8,
+        noise_volume=0.1,
+        white_noise_prob=0.0,
+        white_noise_max=0.1,
+        noise: torch.Tensor | None = None,
+    ):
         super().__init__()
         if not 0.0 <= white_noise_prob <= 1.0:
             raise ValueError(f"task.augment.white_noise_prob must be in [0, 1], got {white_noise_prob}")

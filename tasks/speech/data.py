@@ -4,6 +4,7 @@ Each split is decoded once (int16, resampled, padded/cropped) when the data modu
 before any training, so a bad file stops the run at the start. Speech Commands' 4,890 test
 clips take ~150 MB this way and a few seconds to read, so no disk cache is kept.
 """
+
 import logging
 
 import lightning as L
@@ -27,8 +28,7 @@ class ClipSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"audio": self.audio[i].float() / 32768.0, "label": self.labels[i],
-                "noise_level": torch.tensor(0)}
+        return {"audio": self.audio[i].float() / 32768.0, "label": self.labels[i], "noise_level": torch.tensor(0)}
 
 
 class NoiseSweep(Dataset):
@@ -52,8 +52,7 @@ class NoiseSweep(Dataset):
         return item
 
 
-def decode(clips: list[Clip], labels: list[int], sample_rate: int, samples: int,
-           skip_bad_files: bool) -> ClipSet:
+def decode(clips: list[Clip], labels: list[int], sample_rate: int, samples: int, skip_bad_files: bool) -> ClipSet:
     """Decode `clips`; an unreadable file raises AudioError naming it, or with skip_bad_files is
     left out and counted in the log."""
     audio, kept, bad = [], [], []
@@ -63,7 +62,7 @@ def decode(clips: list[Clip], labels: list[int], sample_rate: int, samples: int,
             if clip.start or clip.volume != 1.0:
                 if clip.path not in noise_cache:
                     noise_cache[clip.path] = resample(*read_wav(clip.path), sample_rate)
-                x = fix_length(noise_cache[clip.path][clip.start:clip.start + samples], samples) * clip.volume
+                x = fix_length(noise_cache[clip.path][clip.start : clip.start + samples], samples) * clip.volume
             else:
                 x = load_clip(clip.path, sample_rate, samples)
         except AudioError as e:
@@ -74,17 +73,25 @@ def decode(clips: list[Clip], labels: list[int], sample_rate: int, samples: int,
         audio.append(np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16))
         kept.append(label)
     if bad:
-        log.warning("skipped %d unreadable audio files (task.skip_bad_files=true):\n  %s",
-                    len(bad), "\n  ".join(bad))
+        log.warning("skipped %d unreadable audio files (task.skip_bad_files=true):\n  %s", len(bad), "\n  ".join(bad))
     if not kept:
         raise AudioError(f"no readable clips among {len(clips)} files (first: {clips[0].path})")
     return ClipSet(torch.from_numpy(np.stack(audio)), torch.tensor(kept))
 
 
 class SpeechData(L.LightningDataModule):
-    def __init__(self, clips: list[Clip], label_index: dict[str, int], label_of, sample_rate: int,
-                 samples: int, batch_size: int, skip_bad_files=False, noise_levels=(0.0,),
-                 noise_seed=0):
+    def __init__(
+        self,
+        clips: list[Clip],
+        label_index: dict[str, int],
+        label_of,
+        sample_rate: int,
+        samples: int,
+        batch_size: int,
+        skip_bad_files=False,
+        noise_levels=(0.0,),
+        noise_seed=0,
+    ):
         super().__init__()
         self.clips, self.label_index, self.label_of = clips, label_index, label_of
         self.sample_rate, self.samples, self.batch_size = sample_rate, samples, batch_size

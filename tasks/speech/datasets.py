@@ -3,6 +3,7 @@
 Splits are speaker-disjoint and deterministic: they depend only on file names, never on the
 order files are listed in or on a random seed.
 """
+
 import hashlib
 import logging
 import math
@@ -21,23 +22,24 @@ SPLITS = ("train", "val", "test")
 GSC_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SILENCE, UNKNOWN, NOISE_DIR = "_silence_", "_unknown_", "_background_noise_"
 GSC_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
-FSDD_URL = ("https://github.com/Jakobovski/free-spoken-digit-dataset/archive/"
-            "26eb9aaf76e81b692f806f9140c2d2777410d7a1.zip")
+FSDD_URL = (
+    "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/26eb9aaf76e81b692f806f9140c2d2777410d7a1.zip"
+)
 
 
 @dataclass(frozen=True)
 class Clip:
     path: Path
-    word: str      # what is said (folder name; in a `_unknown_` folder, the file-name prefix)
-    speaker: str   # grouping key of the speaker-disjoint split
-    split: str     # train | val | test
-    start: int = 0       # a generated `_silence_` clip is a crop of a background-noise file:
+    word: str  # what is said (folder name; in a `_unknown_` folder, the file-name prefix)
+    speaker: str  # grouping key of the speaker-disjoint split
+    split: str  # train | val | test
+    start: int = 0  # a generated `_silence_` clip is a crop of a background-noise file:
     volume: float = 1.0  # its first sample (at the target rate) and its scale
 
 
 def hash_split(key: str, val_percent: float, test_percent: float, salt: str = "") -> str:
     """The Speech Commands README's `which_set` rule: sha1 of the speaker id -> a percentage."""
-    max_per_class = 2 ** 27 - 1
+    max_per_class = 2**27 - 1
     percent = (int(hashlib.sha1((salt + key).encode()).hexdigest(), 16) % (max_per_class + 1)) * (100.0 / max_per_class)
     if percent < val_percent:
         return "val"
@@ -96,8 +98,14 @@ def gsc_label(word: str, vocabulary: str) -> str:
     return UNKNOWN
 
 
-def balance_gsc(clips: list[Clip], root: Path, sample_rate: int, clip_samples: int,
-                unknown_percent: float | None, silence_percent: float) -> list[Clip]:
+def balance_gsc(
+    clips: list[Clip],
+    root: Path,
+    sample_rate: int,
+    clip_samples: int,
+    unknown_percent: float | None,
+    silence_percent: float,
+) -> list[Clip]:
     """As TensorFlow's speech_commands input_data: per split, keep `_unknown_` words at most
     `unknown_percent`% of the command-word count (chosen by file hash), and, when there are no
     `_silence_` files but a `_background_noise_` folder, add `silence_percent`% silence clips
@@ -119,7 +127,7 @@ def balance_gsc(clips: list[Clip], root: Path, sample_rate: int, clip_samples: i
         n_cmd = sum(c.word in GSC_WORDS for c in part)
         if unknown_percent is not None:
             unknown.sort(key=lambda c: hashlib.sha1(str(c.path.name).encode()).hexdigest())
-            unknown = unknown[:math.ceil(n_cmd * unknown_percent / 100)]
+            unknown = unknown[: math.ceil(n_cmd * unknown_percent / 100)]
         out += sorted(known + unknown, key=lambda c: str(c.path))
         if noise:
             for i in range(math.ceil(n_cmd * silence_percent / 100)):
@@ -130,8 +138,7 @@ def balance_gsc(clips: list[Clip], root: Path, sample_rate: int, clip_samples: i
     return out
 
 
-def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",),
-         test_speakers=("theo",)) -> list[Clip]:
+def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",), test_speakers=("theo",)) -> list[Clip]:
     """`recordings/<digit>_<speaker>_<take>.wav`. split=official: takes 0-4 test (the data set's
     own split), the next `val_takes` takes val; split=speaker: whole speakers held out."""
     if split not in ("official", "speaker"):
@@ -155,8 +162,11 @@ def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",),
 def folder(root: Path, val_percent=10.0, test_percent=10.0) -> list[Clip]:
     """Any `<class>/<clip>.wav` tree: speaker-disjoint when names follow `<speaker>_nohash_<n>`,
     otherwise split by file-name hash."""
-    clips = [Clip(p, d.name, speaker_of(p.name), hash_split(speaker_of(p.name), val_percent, test_percent))
-             for d in sorted(p for p in root.iterdir() if p.is_dir()) for p in _wavs(d)]
+    clips = [
+        Clip(p, d.name, speaker_of(p.name), hash_split(speaker_of(p.name), val_percent, test_percent))
+        for d in sorted(p for p in root.iterdir() if p.is_dir())
+        for p in _wavs(d)
+    ]
     if not clips:
         raise FileNotFoundError(f"{root}: no `<class>/*.wav` files (task.dataset=folder)")
     return clips
@@ -181,7 +191,8 @@ def find_root(dataset: str, data_dir, root=None, download=False) -> Path:
         return candidates[0]
     raise FileNotFoundError(
         f"task.dataset={dataset}: no folder at {' or '.join(map(str, candidates))}. Set "
-        "paths.data_dir (or PREDICTIVE_DATA_DIR) or task.root, or task.download=true to fetch it.")
+        "paths.data_dir (or PREDICTIVE_DATA_DIR) or task.root, or task.download=true to fetch it."
+    )
 
 
 def fetch(dataset: str, dest: Path) -> None:

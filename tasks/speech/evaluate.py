@@ -7,6 +7,7 @@ The run's own config (`<run>/.hydra/config.yaml`) rebuilds task, model and learn
 `trainer.accelerator=gpu`). Results go to `<run>/evaluate/` (confusion_test.png/json) and
 `<run>/evaluate/summary.json`, and are printed.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -32,8 +33,9 @@ def evaluate(ckpt: str, overrides: list[str]) -> dict:
     L.seed_everything(cfg.seed)
     task = instantiate(cfg.task)
     model = instantiate(cfg.model, input_size=task.input_size)
-    module = PredictiveModule(task, model, instantiate(cfg.learning.rule), instantiate(cfg.optimizer),
-                              cfg.learning.gradient_clip_val)
+    module = PredictiveModule(
+        task, model, instantiate(cfg.learning.rule), instantiate(cfg.optimizer), cfg.learning.gradient_clip_val
+    )
     trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(out_dir))
     trainer.test(module, datamodule=task.datamodule(), ckpt_path=str(ckpt))
     summary = task.summary()

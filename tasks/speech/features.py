@@ -6,6 +6,7 @@ edges, each scaled to unit area, "slaney" normalisation); `mel_scale` picks the 
 same settings it equals `librosa.filters.mel(..., htk=mel_scale == "htk")`, and the power
 spectrogram equals `abs(librosa.stft(..., center=True, pad_mode="constant"))**2`.
 """
+
 import math
 
 import numpy as np
@@ -30,8 +31,9 @@ def mel_to_hz(m, scale: str = "slaney"):
     return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp(log_step * (m - 15.0)))
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
-                   f_max: float | None = None, scale: str = "slaney") -> torch.Tensor:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None, scale: str = "slaney"
+) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangular filters with unit area (float32)."""
     if scale not in ("slaney", "htk"):
         raise ValueError(f"task.mel_scale must be 'slaney' or 'htk', got {scale!r}")
@@ -58,9 +60,20 @@ class LogMel(nn.Module):
     the time derivative of each bin (central difference), doubling the width.
     """
 
-    def __init__(self, sample_rate=16000, n_fft=512, win_length=400, hop_length=160, n_mels=40,
-                 f_min=20.0, f_max=None, mel_scale="slaney", log_floor=1e-6,
-                 normalize="utterance", deltas=False):
+    def __init__(
+        self,
+        sample_rate=16000,
+        n_fft=512,
+        win_length=400,
+        hop_length=160,
+        n_mels=40,
+        f_min=20.0,
+        f_max=None,
+        mel_scale="slaney",
+        log_floor=1e-6,
+        normalize="utterance",
+        deltas=False,
+    ):
         super().__init__()
         if normalize not in ("utterance", "channel", "none"):
             raise ValueError(f"task.normalize must be utterance|channel|none, got {normalize!r}")
@@ -72,17 +85,26 @@ class LogMel(nn.Module):
         # Buffers follow the module to the model's device; not persistent because they are
         # rebuilt from the config, which keeps checkpoints small and free of derived data.
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
-        self.register_buffer("filters", mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale),
-                             persistent=False)
+        self.register_buffer(
+            "filters", mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale), persistent=False
+        )
 
     def num_frames(self, samples: int) -> int:
         return samples // self.hop_length + 1
 
     def power(self, audio: torch.Tensor) -> torch.Tensor:
         """(B, samples) -> (B, n_fft // 2 + 1, frames) power spectrogram."""
-        spec = torch.stft(audio, self.n_fft, self.hop_length, self.win_length, self.window,
-                          center=True, pad_mode="constant", return_complex=True)
-        return spec.real ** 2 + spec.imag ** 2
+        spec = torch.stft(
+            audio,
+            self.n_fft,
+            self.hop_length,
+            self.win_length,
+            self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )
+        return spec.real**2 + spec.imag**2
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = torch.log(self.filters @ self.power(audio) + self.log_floor).transpose(1, 2)

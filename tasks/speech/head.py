@@ -1,4 +1,5 @@
 """The classifier on top of the sequence model."""
+
 import torch
 from torch import nn
 
@@ -16,12 +17,15 @@ class SegmentPoolHead(nn.Module):
     docs/results.md "Speech").
     """
 
-    def __init__(self, feature_size: int, num_classes: int, segments: int = 4, dropout: float = 0.0,
-                 cells_per_column: int = 1):
+    def __init__(
+        self, feature_size: int, num_classes: int, segments: int = 4, dropout: float = 0.0, cells_per_column: int = 1
+    ):
         super().__init__()
         if cells_per_column < 1 or feature_size % cells_per_column:
-            raise ValueError(f"task.cells_per_column={cells_per_column} must be >= 1 and divide the "
-                             f"model's output size {feature_size}")
+            raise ValueError(
+                f"task.cells_per_column={cells_per_column} must be >= 1 and divide the "
+                f"model's output size {feature_size}"
+            )
         self.segments, self.cells_per_column = segments, cells_per_column
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(feature_size // cells_per_column * segments, num_classes)

@@ -1,4 +1,5 @@
 """SpeechTask: spoken-word classification from raw audio, one log-mel frame per time step."""
+
 import json
 import logging
 from pathlib import Path
@@ -37,14 +38,39 @@ class SpeechTask(Task):
     streaming = False
     features = "cells"
 
-    def __init__(self, dataset="fsdd", data_dir="data", root=None, download=False,
-                 vocabulary="12", split="official", val_percent=10.0, test_percent=10.0,
-                 unknown_percent=10.0, silence_percent=10.0, skip_bad_files=False,
-                 sample_rate=16000, clip_seconds=1.0, n_mels=40, n_fft=512, win_ms=25.0,
-                 hop_ms=10.0, f_min=20.0, f_max=None, mel_scale="slaney", normalize="utterance",
-                 deltas=False, augment=None, segments=4, head_dropout=0.0, cells_per_column=1,
-                 noise_levels=tuple(i / 20 for i in range(11)), noise_seed=0, batch_size=32,
-                 output_dir=None):
+    def __init__(
+        self,
+        dataset="fsdd",
+        data_dir="data",
+        root=None,
+        download=False,
+        vocabulary="12",
+        split="official",
+        val_percent=10.0,
+        test_percent=10.0,
+        unknown_percent=10.0,
+        silence_percent=10.0,
+        skip_bad_files=False,
+        sample_rate=16000,
+        clip_seconds=1.0,
+        n_mels=40,
+        n_fft=512,
+        win_ms=25.0,
+        hop_ms=10.0,
+        f_min=20.0,
+        f_max=None,
+        mel_scale="slaney",
+        normalize="utterance",
+        deltas=False,
+        augment=None,
+        segments=4,
+        head_dropout=0.0,
+        cells_per_column=1,
+        noise_levels=tuple(i / 20 for i in range(11)),
+        noise_seed=0,
+        batch_size=32,
+        output_dir=None,
+    ):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
         if dataset == "speech_commands":
@@ -52,8 +78,7 @@ class SpeechTask(Task):
                 raise ValueError(f"task.vocabulary must be '12' or 'full', got {vocabulary!r}")
             clips = ds.speech_commands(self.root, val_percent, test_percent)
             if vocabulary == "12":
-                clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples,
-                                       unknown_percent, silence_percent)
+                clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples, unknown_percent, silence_percent)
             label_of = lambda word: ds.gsc_label(word, vocabulary)  # noqa: E731
         elif dataset == "fsdd":
             clips, label_of = ds.fsdd(self.root, split), str
@@ -65,14 +90,32 @@ class SpeechTask(Task):
             self.classes = [*ds.GSC_WORDS, ds.SILENCE, ds.UNKNOWN]
         else:
             self.classes = sorted({label_of(c.word) for c in clips})
-        self._data = SpeechData(clips, {c: i for i, c in enumerate(self.classes)}, label_of,
-                                sample_rate, self.samples, batch_size, skip_bad_files,
-                                noise_levels, noise_seed)
-        logmel = LogMel(sample_rate, n_fft, int(sample_rate * win_ms / 1000),
-                        int(sample_rate * hop_ms / 1000), n_mels, f_min, f_max, mel_scale,
-                        normalize=normalize, deltas=deltas)
-        self.encoder = SpeechEncoder(Augment(sample_rate, noise=self._background(sample_rate),
-                                             **(augment or {})), logmel)
+        self._data = SpeechData(
+            clips,
+            {c: i for i, c in enumerate(self.classes)},
+            label_of,
+            sample_rate,
+            self.samples,
+            batch_size,
+            skip_bad_files,
+            noise_levels,
+            noise_seed,
+        )
+        logmel = LogMel(
+            sample_rate,
+            n_fft,
+            int(sample_rate * win_ms / 1000),
+            int(sample_rate * hop_ms / 1000),
+            n_mels,
+            f_min,
+            f_max,
+            mel_scale,
+            normalize=normalize,
+            deltas=deltas,
+        )
+        self.encoder = SpeechEncoder(
+            Augment(sample_rate, noise=self._background(sample_rate), **(augment or {})), logmel
+        )
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout = segments, head_dropout
         self.cells_per_column = cells_per_column
@@ -99,14 +142,14 @@ class SpeechTask(Task):
     def reset_mask(self, batch):
         """Each clip is its own sequence: clear the state at its first frame."""
         audio = batch["audio"]
-        mask = torch.zeros(audio.shape[0], self.encoder.logmel.num_frames(audio.shape[1]),
-                           dtype=torch.bool, device=audio.device)
+        mask = torch.zeros(
+            audio.shape[0], self.encoder.logmel.num_frames(audio.shape[1]), dtype=torch.bool, device=audio.device
+        )
         mask[:, 0] = True
         return mask
 
     def build_head(self, feature_size):
-        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout,
-                               self.cells_per_column)
+        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column)
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
@@ -128,8 +171,9 @@ class SpeechTask(Task):
             if clean.any():
                 self._confusion.update(preds[clean], target[clean])
             level = batch["noise_level"].cpu()
-            self._level_counts.index_add_(0, level, torch.stack(
-                [(preds == target).long().cpu(), torch.ones_like(level)], 1))
+            self._level_counts.index_add_(
+                0, level, torch.stack([(preds == target).long().cpu(), torch.ones_like(level)], 1)
+            )
 
     def compute_metrics(self, stage):
         """Accuracy of the epoch so far (test: clean clips, plus the noise sweep); the counts
@@ -138,25 +182,32 @@ class SpeechTask(Task):
         metrics = {"accuracy": self._accuracy[stage].compute().item()}
         if stage == "test":
             correct, total = self._level_counts.unbind(1)
-            by_level = {f"{a:g}": (c / max(t, 1)) for a, c, t in
-                        zip(self.noise_levels, correct.tolist(), total.tolist())}
+            by_level = {
+                f"{a:g}": (c / max(t, 1)) for a, c, t in zip(self.noise_levels, correct.tolist(), total.tolist())
+            }
             metrics["noise_score"] = float(correct.sum())  # correct answers over all levels
             metrics.update({f"noise_accuracy/{a}": v for a, v in by_level.items()})
-            self._results.update(noise_score=int(correct.sum()), noise_accuracy_by_level=by_level,
-                                 confusion_matrix=self._confusion.compute().tolist())
+            self._results.update(
+                noise_score=int(correct.sum()),
+                noise_accuracy_by_level=by_level,
+                confusion_matrix=self._confusion.compute().tolist(),
+            )
             self._write_confusion()
             out = Path(self.output_dir or ".").resolve()
             ckpt = out / "checkpoints" / "last.ckpt"
-            print(f"speech results in {out}: test_accuracy={metrics['accuracy']:.4f}, "
-                  f"noise_score={int(correct.sum())} (summary.json, confusion_test.png"
-                  + (f"; re-test: python -m tasks.speech.evaluate ckpt={ckpt})" if ckpt.is_file() else ")"),
-                  flush=True)
+            print(
+                f"speech results in {out}: test_accuracy={metrics['accuracy']:.4f}, "
+                f"noise_score={int(correct.sum())} (summary.json, confusion_test.png"
+                + (f"; re-test: python -m tasks.speech.evaluate ckpt={ckpt})" if ckpt.is_file() else ")"),
+                flush=True,
+            )
         self._results[f"{stage}_accuracy"] = metrics["accuracy"]
         return metrics
 
     def _write_confusion(self):
         """confusion_test.png and confusion_test.json (rows: truth, columns: answer)."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -170,8 +221,9 @@ class SpeechTask(Task):
         ax.set_xlabel("answer")
         ax.set_ylabel("truth")
         if len(self.classes) <= 15:
-            for (i, j), v in zip(torch.cartesian_prod(torch.arange(len(cm)), torch.arange(len(cm))).tolist(),
-                                 cm.flatten().tolist()):
+            for (i, j), v in zip(
+                torch.cartesian_prod(torch.arange(len(cm)), torch.arange(len(cm))).tolist(), cm.flatten().tolist()
+            ):
                 ax.text(j, i, v, ha="center", va="center", fontsize=7)
         fig.tight_layout()
         self.confusion_png = out / "confusion_test.png"
