@@ -67,22 +67,26 @@ class DendriticSegments(nn.Module):
 
 
 def segment_overlap(activity: torch.Tensor, presynaptic: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted overlap of every segment with an activity vector.
+    """Weighted overlaps of every segment with an activity vector, for W weightings at once.
 
-    activity: (B, cells); presynaptic: (G, F) cell indices; weights: (G, F) -> (B, G).
-    Cost is B * G * F whichever way; for a few streams a gather is fastest, for many
-    embedding_bag, which sums without a (B, G, F) intermediate.
+    activity: (B, cells); presynaptic: (G, F) cell indices; weights: (W, G, F) -> (W, B, G).
+    Cost is B * G * F whichever way; for a few streams a gather (shared by the W weightings)
+    is fastest, for many embedding_bag, which sums without a (B, G, F) intermediate.
     """
     b, (g, f) = activity.shape[0], presynaptic.shape
     if b <= 4:
-        gathered = activity.index_select(1, presynaptic.reshape(-1)).view(b, g, f)
-        return (gathered * weights).sum(-1)
+        gathered = activity.index_select(1, presynaptic.reshape(-1)).view(1, b, g, f)
+        return (gathered * weights.unsqueeze(1)).sum(-1)
     table = activity.t().contiguous()  # (cells, B): one "embedding" row per presynaptic cell
-    return F.embedding_bag(presynaptic, table, per_sample_weights=weights, mode="sum").t()
+    return torch.stack(
+        [F.embedding_bag(presynaptic, table, per_sample_weights=w, mode="sum").t() for w in weights]
+    )
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """Forward value `hard`, gradient of `soft`."""
+    if not soft.requires_grad:  # nothing to carry (local mode, evaluation): skip two ops
+        return hard
     return hard + (soft - soft.detach())
 
 
@@ -113,6 +117,7 @@ class DistalSegments(nn.Module):
         self.register_buffer("presynaptic", torch.zeros(g, synapses, dtype=torch.long))
         # Step at which each segment last learned (-1: never used); picks slots for new segments.
         self.register_buffer("last_learned", torch.full((g,), -1, dtype=torch.long))
+        self._masks, self._masks_version = None, -1  # cache of synapse_masks()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -136,15 +141,42 @@ class DistalSegments(nn.Module):
 
         activity: (B, presynaptic_cells) -> (B, N, S)
         """
-        p = self.permanence
-        connected = straight_through((p >= self.connected_permanence).to(p.dtype), p)
-        return segment_overlap(activity, self.presynaptic, connected).view(self.shape(activity))
+        return self.overlaps(activity, potential=False)[0]
 
     @torch.no_grad()
     def potential_overlap(self, activity: torch.Tensor) -> torch.Tensor:
         """Number of potential synapses (permanence > 0) onto active cells: (B, N, S)."""
-        potential = (self.permanence > 0).to(self.permanence.dtype)
-        return segment_overlap(activity, self.presynaptic, potential).view(self.shape(activity))
+        return self.overlaps(activity)[1]
+
+    def overlaps(self, activity: torch.Tensor, potential: bool = True):
+        """(connected overlap, potential overlap or None), each (B, N, S), from one gather of
+        the activity at every synapse: the dominant cost of a step, so it is paid once."""
+        p, presynaptic = self.permanence, self.presynaptic
+        if torch.is_grad_enabled() and (p.requires_grad or activity.requires_grad):
+            connected = straight_through((p >= self.connected_permanence).to(p.dtype), p)
+            weights = torch.stack([connected, (p > 0).to(p.dtype)]) if potential else connected.unsqueeze(0)
+            presynaptic = presynaptic.clone()  # saved for backward; growth may re-target it in place
+        else:
+            weights = self.synapse_masks()[: 2 if potential else 1]
+        overlap = segment_overlap(activity, presynaptic, weights)
+        shape = self.shape(activity)
+        return overlap[0].view(shape), overlap[1].detach().view(shape) if potential else None
+
+    @torch.no_grad()
+    def synapse_masks(self, rows: torch.Tensor | None = None, since: int | None = None) -> torch.Tensor:
+        """(2, G, F) float: connected and potential synapses. Cached, because recomputing them
+        from every permanence costs more than the overlap itself; any in-place change of the
+        permanences (optimizer, load_state_dict) bumps their version and invalidates the cache.
+        A learning rule that changed only the segments `rows`, starting from permanence
+        version `since`, passes both, and only those rows are recomputed."""
+        p = self.permanence
+        stale = self._masks is None or self._masks.device != p.device or self._masks.dtype != p.dtype
+        if stale or self._masks_version != (p._version if rows is None else since):
+            self._masks = torch.stack([p >= self.connected_permanence, p > 0]).to(p.dtype)
+        elif rows is not None:
+            self._masks[:, rows] = torch.stack([p[rows] >= self.connected_permanence, p[rows] > 0]).to(p.dtype)
+        self._masks_version = p._version
+        return self._masks
 
     def shape(self, activity: torch.Tensor) -> tuple[int, int, int]:
         return (activity.shape[0], self.num_cells, self.num_segments)

@@ -26,10 +26,17 @@ class PredictiveHebbian:
 
     - segments that predicted an active cell, and the best matching segment of a bursting
       column's winner, are reinforced (+increment on synapses from cells active at t-1,
-      -decrement on the others) and grow synapses to the winners of t-1 up to `new_synapses`
-      active ones; a bursting column with no matching segment starts a new segment on its
-      winner (least used cell). A grown synapse starts at `initial_permanence`, above the
-      connection threshold, so a transition seen once is predicted the next time.
+      -decrement on the others); the bursting winner's segment also grows synapses to the
+      winners of t-1 up to `new_synapses` active ones, and a bursting column with no matching
+      segment starts a new segment on its winner (least used cell). A grown synapse starts
+      at `initial_permanence`, by default just below the connection threshold: a transition
+      is predicted once it has been seen twice. A transition seen once is mostly noise (the
+      element after a never-repeating noise symbol, or the noise after a sequence's end);
+      connected at once (initial_permanence >= connected), such chance links fire in other
+      contexts and merge them, and on the high-order stream one stream in three stalled
+      below 0.85 (docs/results.md). `grow_predicted` lets segments that predicted correctly
+      grow too (HTM's rule): after a burst they then also reach the union of the burst's
+      predicted cells, which spreads one context into another.
     - matching segments of cells in columns that did not become active are weakened by
       `predicted_decrement` when the context at t-1 was itself predicted: a confident
       prediction that failed. A context that burst predicts the union of everything that ever
@@ -45,8 +52,9 @@ class PredictiveHebbian:
     permanence_decrement: float = 0.02
     predicted_decrement: float = 0.05
     burst_decrement: float = 0.03
-    initial_permanence: float = 0.6
+    initial_permanence: float = 0.45
     new_synapses: int = 20
+    grow_predicted: bool = False
     decoder_rate: float = 0.5
     feedforward_rate: float = 0.0
 
@@ -81,6 +89,7 @@ class PredictiveHebbian:
         if not prev_active.any():
             return  # first step after a reset: no context to learn from
         potential = prev["potential_overlap"]  # (B, N, S)
+        version = seg.permanence._version
 
         # Segments that predicted a cell of a column that is now active (and not bursting).
         predicted_cell = (step.winners.view(b, c, m) & ~step.bursting.unsqueeze(-1)).view(b, -1, 1)
@@ -105,15 +114,20 @@ class PredictiveHebbian:
         # The least recently used slot of each new winner becomes a fresh segment.
         slots = seg.last_learned.view(-1, s)[new_cell_idx].argmin(-1)
         new_segment = new_cell_idx * s + slots
-        seg.permanence.data[new_segment] = 0.0
+        seg.permanence[new_segment] = 0.0
         # Grow towards the previous winners up to `new_synapses` synapses onto active cells:
         # a segment already fully matched by a burst grows nothing, so contexts stay apart.
         learn_b, learn_segment = learning.nonzero(as_tuple=True)
         missing = self.new_synapses - potential.view(b, -1)[learn_b, learn_segment]
+        if not self.grow_predicted:
+            burst_segment = torch.zeros_like(potential, dtype=torch.bool).scatter_(-1, best, matched_cell.unsqueeze(-1))
+            missing = torch.where(burst_segment.view(b, -1)[learn_b, learn_segment], missing, 0)
         missing = torch.cat([missing, torch.full_like(slots, self.new_synapses, dtype=missing.dtype)])
         grow_b, grow_segment = torch.cat([learn_b, new_b]), torch.cat([learn_segment, new_segment])
         self.grow(seg, prev_winners, grow_b, grow_segment, missing.clamp(min=0).long())
         seg.last_learned[grow_segment] = layer.learning_steps
+        changed = torch.cat([learn_segment, wrong.nonzero()[:, 1], grow_segment]).unique()
+        seg.synapse_masks(changed, since=version)
 
     @staticmethod
     def adapt(seg, prev_active, segments_mask, active_delta, inactive_delta: float) -> None:
@@ -122,7 +136,7 @@ class PredictiveHebbian:
         bi, gi = segments_mask.nonzero(as_tuple=True)
         if gi.numel() == 0:
             return
-        perm = seg.permanence.data
+        perm = seg.permanence
         if torch.is_tensor(active_delta):
             active_delta = active_delta[bi].unsqueeze(1)
         was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
@@ -143,7 +157,7 @@ class PredictiveHebbian:
         scores = prev_winners.to(seg.permanence.dtype) * torch.rand(prev_winners.shape, device=bi.device)
         sample_score, sample = scores.topk(k, dim=-1)
         candidates, valid = sample[bi], sample_score[bi] > 0  # (P, k)
-        perm = seg.permanence.data
+        perm = seg.permanence
         present = (seg.presynaptic[gi].unsqueeze(-1) == candidates.unsqueeze(1)) & (perm[gi] > 0).unsqueeze(-1)
         valid &= ~present.any(1)
         rank = valid.long().cumsum(-1) - 1
@@ -159,8 +173,13 @@ class PredictiveHebbian:
         predicted_columns = step.prev["predicted_columns"]  # (B, C) made at t-1
         error = step.x - step.prev["prediction"]  # (B, D)
         rate = self.decoder_rate / (predicted_columns.sum(-1, keepdim=True) + 1.0)
-        layer.decoder.weight.data += (error * rate).t() @ predicted_columns / step.x.shape[0]
-        layer.decoder.bias.data += (error * rate).mean(0)
+        scaled = error * rate / step.x.shape[0]
+        layer.decoder.bias.data += scaled.sum(0)
+        # Only the weights of columns predicted in some stream change: a few of C.
+        used = predicted_columns.any(0).nonzero().squeeze(1)
+        if used.numel():
+            delta = scaled.t() @ predicted_columns.index_select(1, used)  # (D, used)
+            layer.decoder.weight.data.index_add_(1, used, delta)
 
     def learn_feedforward(self, layer: TemporalMemory, step: LayerStep) -> None:
         weight = layer.feedforward.parametrizations.weight.original.data  # (C, D)
@@ -185,14 +204,20 @@ class LearningRule:
     def update(self, layer: TemporalMemory, step: LayerStep) -> None:
         """Explicit update of a local layer after its activation at step t."""
 
+    def structural_update(self, layer: TemporalMemory, step: LayerStep) -> None:
+        """Explicit update of a gradient-trained layer at step t, for what a gradient cannot
+        do (which cells a segment listens to); nothing by default."""
+
     def check(self, model: torch.nn.Module) -> None:
         """Before any training: raise ValueError if the rule cannot train `model`, and give
-        the layers that learn by gradient random initial synapses (an empty segment has no
-        gradient to grow from)."""
+        the layers that learn by gradient alone random initial synapses (an empty segment has
+        no gradient to grow from)."""
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
-            if not self.is_local(i) and not (layer.segments.last_learned >= 0).any():
+            if not self.is_local(i) and not self.grows_segments and not (layer.segments.last_learned >= 0).any():
                 layer.segments.randomize()
+
+    grows_segments = False
 
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()
@@ -240,7 +265,7 @@ class Hybrid(Local):
     name = "hybrid"
     task_loss_trains_model = True
 
-    def __init__(self, local_loss_weight: float = 0.1, local_layers: int = 0, **hebbian):
+    def __init__(self, local_loss_weight: float = 0.1, local_layers: int = 0, grow_segments: bool = True, **hebbian):
         super().__init__(**hebbian)
         if local_loss_weight < 0:
             raise ValueError(f"local_loss_weight must be >= 0, got {local_loss_weight}")
@@ -248,12 +273,26 @@ class Hybrid(Local):
             raise ValueError(f"local_layers must be >= 0, got {local_layers}")
         self.local_loss_weight = local_loss_weight
         self.local_layers = local_layers
+        self.grows_segments = grow_segments
 
     def is_local(self, layer_index: int) -> bool:
         return layer_index < self.local_layers
 
+    @torch.no_grad()
+    def structural_update(self, layer: TemporalMemory, step: LayerStep) -> None:
+        """With `grow_segments`, the gradient-trained layers also grow and adapt their
+        segments by the local rule (the gradient then tunes permanences and decoder): a
+        gradient cannot choose which cells a synapse listens to, so from random synapses over
+        sparse activity it has almost nothing to follow."""
+        if self.grows_segments:
+            layer.learning_steps += 1
+            self.hebbian.learn_segments(layer, step)
+
     def __repr__(self) -> str:
-        return f"Hybrid(local_loss_weight={self.local_loss_weight}, local_layers={self.local_layers})"
+        return (
+            f"Hybrid(local_loss_weight={self.local_loss_weight}, local_layers={self.local_layers}, "
+            f"grow_segments={self.grows_segments})"
+        )
 
 
 RULES = {rule.name: rule for rule in (Local, Backprop, Hybrid)}

@@ -157,12 +157,14 @@ class TemporalMemory(nn.Module):
         # Value 1 at the winners; the gradient reaches the scores of winners only.
         column_gate = straight_through(columns.to(x.dtype), scores * columns)
         predicted = state["predicted"].view(b, c, m)
-        bursting = columns & (predicted.detach().amax(-1) == 0)
+        column_predicted = predicted.amax(-1)
+        bursting = columns & (column_predicted.detach() == 0)
         if self.first_order_fallback and bursting.any():
             predicted = predicted + self.fallback(state, bursting)
+            column_predicted = predicted.amax(-1)
         # Predicted cells fire; an active column with no predicted cell bursts: its fallback
         # cells fire, or all its cells when there are none.
-        cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - predicted.amax(-1)).unsqueeze(-1))
+        cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - column_predicted).unsqueeze(-1))
         winners, matched = self.choose_winners(state, columns, bursting, cells.detach() > 0)
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
@@ -202,7 +204,7 @@ class TemporalMemory(nn.Module):
     def predict(self, step: LayerStep) -> State:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
         b = step.cells.shape[0]
-        active = self.segments(step.cells)
+        active, potential = self.segments.overlaps(step.cells)
         predicted = self.soft_threshold(active.amax(-1))
         predicted_columns = predicted.view(b, self.columns, -1).amax(-1)
         return {
@@ -211,15 +213,26 @@ class TemporalMemory(nn.Module):
             "columns": step.columns.to(step.cells.dtype),
             "predicted": predicted,
             "active_overlap": active.detach(),
-            "potential_overlap": self.segments.potential_overlap(step.cells),
+            "potential_overlap": potential,
             "predicted_columns": predicted_columns,
-            "prediction": self.decoder(predicted_columns),
+            "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),
         }
+
+    def decode(self, predicted_columns: torch.Tensor) -> torch.Tensor:
+        """The predicted columns (B, C) decoded into input space (B, D). Without gradients only
+        the few predicted columns' weights are read, instead of a full matrix product."""
+        if predicted_columns.requires_grad or self.decoder.weight.requires_grad and torch.is_grad_enabled():
+            return self.decoder(predicted_columns)
+        used = predicted_columns.any(0).nonzero().squeeze(1)
+        weight = self.decoder.weight.index_select(1, used)  # (D, used)
+        return torch.addmm(self.decoder.bias, predicted_columns.index_select(1, used), weight.t())
 
     def soft_threshold(self, overlap: torch.Tensor) -> torch.Tensor:
         """1 where overlap >= activation_threshold (forward), sigmoid slope for the gradient."""
         hard = (overlap >= self.activation_threshold).to(overlap.dtype)
+        if not overlap.requires_grad:
+            return hard  # skip the sigmoid
         soft = torch.sigmoid((overlap - self.activation_threshold + 0.5) * self.sharpness)
         return straight_through(hard, soft)
 

@@ -136,13 +136,14 @@ class PredictiveModule(L.LightningModule):
         strategy = self.trainer.strategy
         tensors = self.model.state_dict(keep_vars=True)
         others = {}
-        for name, t in tensors.items():
-            if t.is_floating_point():
-                t.data.copy_(strategy.reduce(t.detach().clone(), reduce_op="mean"))
-            else:
-                others[name] = t.detach()
-        for name, t in strategy.broadcast(others, src=0).items():
-            tensors[name].data.copy_(t)
+        with torch.no_grad():  # in place on the tensors themselves, so that caches see the change
+            for name, t in tensors.items():
+                if t.is_floating_point():
+                    t.copy_(strategy.reduce(t.detach().clone(), reduce_op="mean"))
+                else:
+                    others[name] = t.detach()
+            for name, t in strategy.broadcast(others, src=0).items():
+                tensors[name].copy_(t)
 
     def on_save_checkpoint(self, checkpoint: dict):
         checkpoint["stream_state"] = self.stream_state

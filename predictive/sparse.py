@@ -117,7 +117,7 @@ class KWinners(nn.Module):
         active = mask.reshape(-1, self.n).float()
         batch = active.shape[0]
         self.learning_iterations += batch
-        period = min(self.duty_cycle_period, int(self.learning_iterations))
+        period = self.learning_iterations.clamp(max=self.duty_cycle_period)  # no host sync
         self.duty_cycle.mul_(period - batch).add_(active.sum(0)).div_(period)
         self.boost_strength.mul_(self.boost_strength_factor)
 

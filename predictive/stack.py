@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from predictive.learning import Backprop, LearningRule
 from predictive.memory import TemporalMemory
@@ -87,7 +88,7 @@ class PredictiveStack(nn.Module):
                 with torch.no_grad():
                     step, state = layer(x.detach(), self.detach_state(state), reset, learn=rule.update)
             else:
-                step, state = layer(x, state, reset)
+                step, state = layer(x, state, reset, learn=rule.structural_update)
                 if rule.local_loss_weight > 0:
                     local_loss = local_loss + layer.local_loss(step)
             steps.append(step)
@@ -108,13 +109,16 @@ class PredictiveStack(nn.Module):
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
         local_loss = x.new_zeros(())
-        for t in range(x.shape[1]):
-            steps, states, loss = self.step(x[:, t], states, None if reset is None else reset[:, t], rule)
-            local_loss = local_loss + loss
-            cells.append(steps[-1].cells)
-            predicted.append(states[-1]["predicted"])
-            prediction.append(states[0]["prediction"])
-            anomaly.append(steps[0].anomaly)
+        # Masked (sparse) weights are computed once per chunk, not once per step; local
+        # feedforward learning therefore takes effect from the next chunk on.
+        with parametrize.cached():
+            for t in range(x.shape[1]):
+                steps, states, loss = self.step(x[:, t], states, None if reset is None else reset[:, t], rule)
+                local_loss = local_loss + loss
+                cells.append(steps[-1].cells)
+                predicted.append(states[-1]["predicted"])
+                prediction.append(states[0]["prediction"])
+                anomaly.append(steps[0].anomaly)
         out = StackOutput(
             cells=torch.stack(cells, 1),
             predicted=torch.stack(predicted, 1),

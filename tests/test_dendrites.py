@@ -35,6 +35,31 @@ def test_distal_overlaps_count_connected_and_potential_synapses():
         assert potential[0, :, 0].tolist() == [3.0, 1.0, 0.0, 0.0]
 
 
+def test_cached_synapse_masks_follow_every_change_of_the_permanences():
+    torch.manual_seed(0)
+    seg = DistalSegments(num_cells=16, num_segments=2, synapses=6)
+    activity = (torch.rand(1, 16) > 0.5).float()
+
+    def fresh():  # what the overlaps must be, computed without any cache
+        p = seg.permanence.detach()
+        gathered = activity[0, seg.presynaptic]
+        return (gathered * (p >= 0.5)).sum(-1), (gathered * (p > 0)).sum(-1)
+
+    with torch.no_grad():
+        seg.permanence.uniform_(0.0, 1.0)  # in place: a new version, the cache is rebuilt
+        for _ in range(2):
+            active, potential = seg.overlaps(activity)
+            assert torch.equal(active.flatten(), fresh()[0]) and torch.equal(potential.flatten(), fresh()[1])
+            opt = torch.optim.SGD([seg.permanence], lr=1.0)
+            seg.permanence.grad = torch.full_like(seg.permanence, 0.3)
+            opt.step()  # an optimizer step invalidates it too
+        # A learning rule that changed some rows refreshes only those.
+        version, rows = seg.permanence._version, torch.tensor([0, 5])
+        seg.permanence[rows] = 0.55
+        seg.synapse_masks(rows, since=version)
+        assert torch.equal(seg.overlaps(activity)[0].flatten(), fresh()[0])
+
+
 def test_distal_overlap_is_differentiable_in_permanence_and_activity():
     seg = DistalSegments(num_cells=5, num_segments=2, synapses=4)
     with torch.no_grad():

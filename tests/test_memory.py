@@ -59,9 +59,9 @@ def test_same_symbol_in_two_contexts_uses_different_cells():
 def test_reset_clears_only_the_masked_streams():
     torch.manual_seed(0)
     stack = PredictiveStack(48, 1, **SMALL)
-    x = stream([0, 1, 2, 3], 5, batch=2)
+    x = stream([0, 1, 2, 3], 8, batch=2)
     rule = build("local", new_synapses=6)
-    _, state = stack(x[:, :-1], stack.initial_state(2), reset=starts(19, 4).expand(2, -1), learning=rule)
+    _, state = stack(x[:, :-1], stack.initial_state(2), reset=starts(31, 4).expand(2, -1), learning=rule)
     reset = torch.tensor([[True], [False]])
     out, _ = stack(x[:, -1:], state, reset=reset, learning=rule)  # symbol 3, predicted in context
     assert out.anomaly[0, 0] == 1.0 and out.anomaly[1, 0] == 0.0
@@ -92,6 +92,25 @@ def test_backprop_mode_task_gradient_reaches_the_bottom_layer():
     bottom = stack.layers[0]
     assert bottom.feedforward.parametrizations.weight.original.grad.abs().sum() > 0
     assert bottom.segments.permanence.grad.abs().sum() > 0
+
+
+def test_hybrid_grows_segments_by_the_local_rule_and_the_gradient_still_flows():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL, dict(SMALL, columns=32)])
+    rule = build("hybrid", new_synapses=6)
+    rule.check(stack)  # no random synapses: growth starts them, as in local mode
+    assert all(not (layer.segments.permanence > 0).any() for layer in stack.layers)
+    head = torch.nn.Linear(stack.output_size, 3)
+    out, _ = stack(stream([0, 1, 2, 3], 4), stack.initial_state(1), learning=rule)
+    head(out.cells).logsumexp(-1).sum().backward()
+    for layer in stack.layers:
+        assert (layer.segments.permanence > 0).sum() >= 6  # grown by the local rule
+        assert layer.segments.permanence.grad.abs().sum() > 0  # and tuned by the task loss
+    assert stack.layers[0].feedforward.parametrizations.weight.original.grad.abs().sum() > 0
+    without = build("hybrid", grow_segments=False, new_synapses=6)
+    fresh = PredictiveStack(48, [SMALL])
+    without.check(fresh)
+    assert (fresh.layers[0].segments.permanence > 0).float().mean() > 0.4  # random start instead
 
 
 def test_each_layers_local_loss_reaches_only_its_own_parameters():
@@ -167,3 +186,13 @@ def test_bad_learning_settings_are_rejected():
         build("hybrid", local_loss_weight=-1.0)
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
+
+
+def test_local_learning_keeps_the_cached_synapse_masks_exact():
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL])
+    stack(stream([0, 1, 2, 3, 4], 6), stack.initial_state(1), learning=LOCAL)
+    seg = stack.layers[0].segments
+    p = seg.permanence.detach()
+    assert (p > 0).any()
+    assert torch.equal(seg._masks, torch.stack([p >= seg.connected_permanence, p > 0]).float())

@@ -4,9 +4,10 @@ Set "1": every sequence shares its middle with another that starts and ends diff
 the last element depends on the first, six steps back; a first-order predictor cannot pass
 50% on it. One continuous stream, a never-repeating noise element after each sequence.
 
-Stream seeds 0, 1, 2 with these settings: the accuracy peaks at 0.94, 1.00, 0.96 and averages
-0.87, 0.99, 0.90 over the last 1,000 elements; this test runs seed 1. Not every stream
-reaches 95% yet (see docs/core.md).
+Stream seeds 0, 1, 2 with these settings (the task's 2048-bit codes, the default local rule):
+the accuracy reaches 1.00 on all three (first at 95% after 1,947 / 2,120 / 2,358 elements) and
+averages 0.998 / 1.000 / 1.000 over the last 1,000 elements. This test runs seed 0
+(SEQUENCE_SEED=1 or 2 runs the others).
 """
 
 import os
@@ -20,7 +21,7 @@ from predictive.stack import PredictiveStack
 from tasks.encoders import SymbolEncoder
 from tasks.high_order import accuracy_curve, generate, load_sets
 
-SEED = 1
+SEED = int(os.environ.get("SEQUENCE_SEED", 0))
 LAYER = dict(
     columns=256, cells=8, active_columns=10, segments=4, synapses=24, activation_threshold=6, matching_threshold=4
 )
@@ -31,10 +32,10 @@ def test_local_online_learning_holds_high_order_context():
     data_dir = Path(os.environ["PREDICTIVE_DATA_DIR"])  # set by conftest
     normal, perturbed = load_sets(data_dir / "high_order_sequences" / "sequences.json", endings=1)
     stream = generate(normal, perturbed, seed=SEED, length=10000, switch_after=10000)
-    encoder = SymbolEncoder(stream.vocab_size, size=400, active=8, seed=0)
-    codes = encoder.codes()  # (V, 400)
-    stack = PredictiveStack(400, 1, **LAYER)
-    rule = build("local", new_synapses=10, initial_permanence=0.6)
+    encoder = SymbolEncoder(stream.vocab_size, size=2048, active=41, seed=0)
+    codes = encoder.codes()  # (V, 2048), about 2% on, as in the task
+    stack = PredictiveStack(2048, 1, **LAYER)
+    rule = build("local", new_synapses=10)
     states = stack.layer_states(stack.initial_state(1))
     correct, guess = [], None
     for t, symbol in enumerate(stream.symbols):
@@ -43,5 +44,5 @@ def test_local_online_learning_holds_high_order_context():
         _, states, _ = stack.step(codes[symbol].unsqueeze(0), states, None, rule)
         guess = int((codes @ states[0]["prediction"][0]).argmax())  # most likely next symbol
     curve = accuracy_curve(np.flatnonzero(stream.scored), np.array(correct), len(stream.symbols))
-    assert np.nanmax(curve) >= 0.95  # right at least 95% of the time within 10,000 elements
-    assert np.nanmean(curve[-1000:]) > 0.9  # and it stays far above first order (0.5)
+    assert np.nanmax(curve) >= 0.99  # right at least 99% of the time within 10,000 elements
+    assert np.nanmean(curve[-1000:]) >= 0.98  # and it stays there, far above first order (0.5)
