@@ -44,6 +44,9 @@ class PredictiveHebbian:
       others, or by noise); its segments fade by the smaller `burst_decrement`, so that
       transitions that recur survive and chance ones (noise followed by a symbol) disappear.
     - the decoder learns the next input from the predicted columns (normalized delta rule).
+      Its bias (the mean input) is learned only with `decoder_bias`: it adds a frequency
+      prior that, on the high-order task with two possible endings, outranked the two
+      predicted endings (top-2 accuracy 0.71 with it, 0.86 without, 10,000 elements).
     - the feedforward map moves each active column's weights toward its input (competitive
       learning) at `feedforward_rate` (0: the column code stays fixed).
     """
@@ -56,6 +59,7 @@ class PredictiveHebbian:
     new_synapses: int = 20
     grow_predicted: bool = False
     decoder_rate: float = 0.5
+    decoder_bias: bool = False
     feedforward_rate: float = 0.0
 
     def __post_init__(self):
@@ -174,7 +178,8 @@ class PredictiveHebbian:
         error = step.x - step.prev["prediction"]  # (B, D)
         rate = self.decoder_rate / (predicted_columns.sum(-1, keepdim=True) + 1.0)
         scaled = error * rate / step.x.shape[0]
-        layer.decoder.bias.data += scaled.sum(0)
+        if self.decoder_bias:
+            layer.decoder.bias.data += scaled.sum(0)
         # Only the weights of columns predicted in some stream change: a few of C.
         used = predicted_columns.any(0).nonzero().squeeze(1)
         if used.numel():
