@@ -1,5 +1,6 @@
-"""Glue between a run and its outputs: a wandb logger that never blocks, and the Lightning
-callback that measures throughput and memory and writes summary.json and curve plots."""
+"""Glue between a run and its outputs: a wandb logger that never blocks, a checkpoint callback
+whose last.ckpt is the trained model, and the Lightning callback that measures throughput and
+memory and writes summary.json and curve plots."""
 
 import json
 import netrc
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -40,6 +42,22 @@ def _wandb_reachable() -> bool:
         return True
     except OSError:
         return False
+
+
+class StreamCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes last.ckpt after the final training batch.
+
+    With `every_n_train_steps` Lightning writes last.ckpt only every n batches, so the last
+    up to n-1 chunks of a stream were missing from it (an evaluation then scored an older
+    model). The final save is an ordinary mid-epoch save, like the periodic ones, so a run
+    resumed from it continues exactly (a save after `fit` returns would mark the epoch done).
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
+        if self.save_last and final:  # at worst once more than the periodic save at that step
+            trainer.save_checkpoint(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST))
 
 
 class RunSummary(L.Callback):

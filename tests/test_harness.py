@@ -115,6 +115,12 @@ def test_local_run(local_run):
     assert ckpt["stream_state"] is not None
 
 
+def test_last_checkpoint_is_the_final_state_between_periodic_saves(tmp_path):
+    train.train(config(tmp_path, "learning=local", "trainer.max_steps=3", "checkpoint.every_n_train_steps=2"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["ArrayStreams"]["position"] == 3
+
+
 @pytest.mark.parametrize("learning", ["backprop", "hybrid"])
 def test_gradient_modes_run(tmp_path, learning):
     check_run(tmp_path, train.train(config(tmp_path, f"learning={learning}", "trainer.max_steps=2")), learning)
