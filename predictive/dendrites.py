@@ -151,13 +151,13 @@ class DistalSegments(nn.Module):
     def overlaps(self, activity: torch.Tensor, potential: bool = True):
         """(connected overlap, potential overlap or None), each (B, N, S), from one gather of
         the activity at every synapse: the dominant cost of a step, so it is paid once."""
-        p, presynaptic = self.permanence, self.presynaptic
+        p, presynaptic, masks = self.permanence, self.presynaptic, self.synapse_masks()
         if torch.is_grad_enabled() and (p.requires_grad or activity.requires_grad):
-            connected = straight_through((p >= self.connected_permanence).to(p.dtype), p)
-            weights = torch.stack([connected, (p > 0).to(p.dtype)]) if potential else connected.unsqueeze(0)
+            connected = straight_through(masks[0], p)
+            weights = torch.stack([connected, masks[1]]) if potential else connected.unsqueeze(0)
             presynaptic = presynaptic.clone()  # saved for backward; growth may re-target it in place
         else:
-            weights = self.synapse_masks()[: 2 if potential else 1]
+            weights = masks[: 2 if potential else 1]
         overlap = segment_overlap(activity, presynaptic, weights)
         shape = self.shape(activity)
         return overlap[0].view(shape), overlap[1].detach().view(shape) if potential else None

@@ -112,7 +112,7 @@ class PredictiveHebbian:
         learning = learning.view(b, -1)
         self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
         decrement = torch.where(prev["anomaly"] > 0, self.burst_decrement, self.predicted_decrement)
-        self.adapt(seg, prev_active, wrong, -decrement, 0.0)
+        wrong_rows = self.adapt(seg, prev_active, wrong, -decrement, 0.0)
 
         new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
         # The least recently used slot of each new winner becomes a fresh segment.
@@ -130,16 +130,17 @@ class PredictiveHebbian:
         grow_b, grow_segment = torch.cat([learn_b, new_b]), torch.cat([learn_segment, new_segment])
         self.grow(seg, prev_winners, grow_b, grow_segment, missing.clamp(min=0).long())
         seg.last_learned[grow_segment] = layer.learning_steps
-        changed = torch.cat([learn_segment, wrong.nonzero()[:, 1], grow_segment]).unique()
-        seg.synapse_masks(changed, since=version)
+        # Every reinforced segment is in grow_segment (some grow nothing), so these are all.
+        seg.synapse_masks(torch.cat([wrong_rows, grow_segment]).unique(), since=version)
 
     @staticmethod
-    def adapt(seg, prev_active, segments_mask, active_delta, inactive_delta: float) -> None:
+    def adapt(seg, prev_active, segments_mask, active_delta, inactive_delta: float) -> torch.Tensor:
         """Add `active_delta` (a float or one per stream) to the potential synapses of the
-        masked segments whose presynaptic cell was active, `inactive_delta` to the others."""
+        masked segments whose presynaptic cell was active, `inactive_delta` to the others.
+        Returns the segments changed."""
         bi, gi = segments_mask.nonzero(as_tuple=True)
         if gi.numel() == 0:
-            return
+            return gi
         perm = seg.permanence
         if torch.is_tensor(active_delta):
             active_delta = active_delta[bi].unsqueeze(1)
@@ -150,6 +151,7 @@ class PredictiveHebbian:
         perm.index_put_((gi,), delta.to(perm.dtype), accumulate=True)
         rows = gi.unique()
         perm[rows] = perm[rows].clamp(0.0, 1.0)
+        return rows
 
     def grow(self, seg, prev_winners, bi, gi, missing) -> None:
         """Point up to `missing` weakest synapses of each segment at winners of t-1 that it
@@ -200,6 +202,7 @@ class LearningRule:
     name = "base"
     local_loss_weight = 0.0
     task_loss_trains_model = True
+    grows_segments = False  # do gradient-trained layers also grow segments (structural_update)?
 
     def is_local(self, layer_index: int) -> bool:
         """Does layer `layer_index` (0 = bottom) learn by explicit local updates, cut off from
@@ -221,8 +224,6 @@ class LearningRule:
         for i, layer in enumerate(layers):
             if not self.is_local(i) and not self.grows_segments and not (layer.segments.last_learned >= 0).any():
                 layer.segments.randomize()
-
-    grows_segments = False
 
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()

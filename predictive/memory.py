@@ -25,6 +25,12 @@ from predictive.sparse import KWinners, SparseLinear, check_positive, resolve_co
 State = dict[str, torch.Tensor]
 
 
+def column_activity(cells: torch.Tensor, cells_per_column: int) -> torch.Tensor:
+    """(..., C * M) cell activity -> (..., C): each column's strongest cell (a column is
+    active, or predicted, when any of its cells is)."""
+    return cells.unflatten(-1, (-1, cells_per_column)).amax(-1)
+
+
 @dataclass
 class LayerStep:
     """What one step of a layer produced, and what it saw (for learning rules)."""
@@ -203,10 +209,9 @@ class TemporalMemory(nn.Module):
 
     def predict(self, step: LayerStep) -> State:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
-        b = step.cells.shape[0]
         active, potential = self.segments.overlaps(step.cells)
         predicted = self.soft_threshold(active.amax(-1))
-        predicted_columns = predicted.view(b, self.columns, -1).amax(-1)
+        predicted_columns = column_activity(predicted, self.cells_per_column)
         return {
             "cells": step.cells,
             "winners": step.winners.to(step.cells.dtype),
@@ -222,7 +227,7 @@ class TemporalMemory(nn.Module):
     def decode(self, predicted_columns: torch.Tensor) -> torch.Tensor:
         """The predicted columns (B, C) decoded into input space (B, D). Without gradients only
         the few predicted columns' weights are read, instead of a full matrix product."""
-        if predicted_columns.requires_grad or self.decoder.weight.requires_grad and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (predicted_columns.requires_grad or self.decoder.weight.requires_grad):
             return self.decoder(predicted_columns)
         used = predicted_columns.any(0).nonzero().squeeze(1)
         weight = self.decoder.weight.index_select(1, used)  # (D, used)

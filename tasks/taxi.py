@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from predictive.memory import column_activity
 from tasks.base import Task
 from tasks.encoders import ScalarEncoder, day_of_week_encoder, time_of_day_encoder
 from tasks.streams import ArrayStreams
@@ -168,7 +169,7 @@ class BucketHead(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.readout == "cells":
             return x
-        columns = x.unflatten(-1, (-1, self.group)).amax(-1)
+        columns = column_activity(x, self.group)
         return columns if self.readout == "columns" else torch.cat([x, columns], -1)
 
     def bucket(self, value: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from predictive.memory import column_activity
+
 
 class SegmentPoolHead(nn.Module):
     """Mean of the features over `segments` equal spans of time, concatenated in order, then
@@ -35,7 +37,6 @@ class SegmentPoolHead(nn.Module):
         if features.shape[1] < self.segments:
             raise ValueError(f"{features.shape[1]} time steps < task.segments={self.segments}")
         if self.cells_per_column > 1:
-            b, t, n = features.shape
-            features = features.view(b, t, n // self.cells_per_column, self.cells_per_column).amax(-1)
+            features = column_activity(features, self.cells_per_column)
         pooled = torch.cat([s.mean(1) for s in torch.tensor_split(features, self.segments, dim=1)], 1)
         return self.linear(self.dropout(pooled))
