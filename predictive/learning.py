@@ -20,6 +20,13 @@ import torch
 from predictive.memory import LayerStep, TemporalMemory
 
 
+def check_flags(**flags) -> None:
+    """On/off settings must be true or false (a string such as "no" would read as true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 @dataclass
 class PredictiveHebbian:
     """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t.
@@ -72,6 +79,7 @@ class PredictiveHebbian:
             raise ValueError(f"initial_permanence must be in (0, 1], got {self.initial_permanence}")
         if self.new_synapses < 1:
             raise ValueError(f"new_synapses must be >= 1, got {self.new_synapses}")
+        check_flags(grow_predicted=self.grow_predicted, decoder_bias=self.decoder_bias)
 
     def check(self, layer: TemporalMemory) -> None:
         if self.new_synapses > layer.segments.synapses:
@@ -277,6 +285,7 @@ class Hybrid(Local):
             raise ValueError(f"local_loss_weight must be >= 0, got {local_loss_weight}")
         if local_layers < 0:
             raise ValueError(f"local_layers must be >= 0, got {local_layers}")
+        check_flags(grow_segments=grow_segments)
         self.local_loss_weight = local_loss_weight
         self.local_layers = local_layers
         self.grows_segments = grow_segments

@@ -184,6 +184,12 @@ def test_bad_learning_settings_are_rejected():
         build("local", initial_permanence=0.0)
     with pytest.raises(ValueError, match="local_loss_weight"):
         build("hybrid", local_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="grow_predicted must be true or false"):
+        build("local", grow_predicted="no")
+    with pytest.raises(ValueError, match="decoder_bias must be true or false"):
+        build("local", decoder_bias=1)
+    with pytest.raises(ValueError, match="grow_segments must be true or false"):
+        build("hybrid", grow_segments="yes")
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
 
