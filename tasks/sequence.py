@@ -20,7 +20,7 @@ from tasks.base import Task
 from tasks.encoders import SymbolEncoder
 from tasks.streams import ArrayStreams
 
-FEATURES = ("prediction", "predicted", "cells")
+FEATURES = ("auto", "prediction", "predicted", "cells")
 
 
 class SymbolInput(nn.Module):
@@ -59,7 +59,11 @@ class SequenceTask(Task):
         streams: B streams learned at once as one batch, stream i from seed `seed + i`, each
             scored on its own.
         features: "prediction" (the bottom layer's decoded next input, scored by overlap with
-            each symbol's code) or "predicted" / "cells" (a linear head trained by the task loss).
+            each symbol's code) or "predicted" / "cells" (a linear head trained by the task
+            loss); "auto": "prediction" for one ending, "predicted" for 2 and 4. With several
+            endings the layer predicts their union, and a decoded union ranks symbols that
+            share columns with the endings above them (endings=4: 0.73 top-4); a linear
+            readout of the predicted cells learns which cells mean which endings (1.00).
         resets: reset the model before every sequence (off in the paper's protocol).
         chunk: time steps per batch (the truncation length of BPTT).
     """
@@ -75,7 +79,7 @@ class SequenceTask(Task):
         length=20000,
         switch_after=10000,
         chunk=50,
-        features="prediction",
+        features="auto",
         resets=False,
         code_size=2048,
         code_active=41,
@@ -87,6 +91,8 @@ class SequenceTask(Task):
             raise ValueError(f"task.features must be one of {FEATURES}, got {features!r}")
         if window < 1:
             raise ValueError(f"task.window must be >= 1, got {window}")
+        if features == "auto":
+            features = "prediction" if endings == 1 else "predicted"
         normal, perturbed = high_order.load_sets(Path(data_dir) / "high_order_sequences" / "sequences.json", endings)
         self.streams = [high_order.generate(normal, perturbed, seed + i, length, switch_after) for i in range(streams)]
         self.endings, self.features, self.resets, self.chunk, self.window = endings, features, resets, chunk, window

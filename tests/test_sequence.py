@@ -153,6 +153,11 @@ def test_overlap_head_decodes_codes_and_loss_skips_noise():
     with pytest.raises(ValueError, match="features=prediction"):
         task.build_head(64)
     assert isinstance(make(features="predicted").build_head(64), torch.nn.Linear)
+    # The default reads one ending from the decoded prediction, a union of several by a
+    # learned linear readout of the predicted cells.
+    assert make().features == "prediction"
+    assert make(endings=2).features == make(endings=4).features == "predicted"
+    assert isinstance(make(endings=4).build_head(64), torch.nn.Linear)
 
 
 @pytest.mark.parametrize(
