@@ -31,11 +31,12 @@ def check_flags(**flags) -> None:
 class PredictiveHebbian:
     """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t.
 
-    - segments that predicted an active cell, and the best matching segment of a bursting
-      column's winner, are reinforced (+increment on synapses from cells active at t-1,
-      -decrement on the others); the bursting winner's segment also grows synapses to the
-      winners of t-1 up to `new_synapses` active ones, and a bursting column with no matching
-      segment starts a new segment on its winner (least used cell). A grown synapse starts
+    - segments that predicted a winner, and the best matching segment of a novel column's
+      winner (a bursting column, or one predicted only through a burst's non-winner cells:
+      `TemporalMemory.choose_winners`), are reinforced (+increment on synapses from cells
+      active at t-1, -decrement on the others); the novel winner's segment also grows
+      synapses to the winners of t-1 up to `new_synapses` active ones, and a novel column
+      with no matching segment starts a new segment on its winner (least used cell). A grown synapse starts
       at `initial_permanence`, by default just below the connection threshold: a transition
       is predicted once it has been seen twice. A transition seen once is mostly noise (the
       element after a never-repeating noise symbol, or the noise after a sequence's end);
@@ -103,11 +104,11 @@ class PredictiveHebbian:
         potential = prev["potential_overlap"]  # (B, N, S)
         version = seg.permanence._version
 
-        # Segments that predicted a cell of a column that is now active (and not bursting).
-        predicted_cell = (step.winners.view(b, c, m) & ~step.bursting.unsqueeze(-1)).view(b, -1, 1)
+        # Segments that predicted a winner of a column that is now active (and not novel).
+        predicted_cell = (step.winners.view(b, c, m) & ~step.novel.unsqueeze(-1)).view(b, -1, 1)
         learning = (prev["active_overlap"] >= layer.activation_threshold) & predicted_cell
-        # Bursting columns: the winner's best matching segment learns, or a new one starts.
-        winner = (step.winners.view(b, c, m) & step.bursting.unsqueeze(-1)).view(b, -1)
+        # Novel columns: the winner's best matching segment learns, or a new one starts.
+        winner = (step.winners.view(b, c, m) & step.novel.unsqueeze(-1)).view(b, -1)
         matched_cell = winner & step.matched.repeat_interleave(m, dim=1)
         best = potential.argmax(-1, keepdim=True)
         learning.scatter_(-1, best, learning.gather(-1, best) | matched_cell.unsqueeze(-1))

@@ -39,9 +39,10 @@ class LayerStep:
     prev: State  # the layer's state at t-1
     columns: torch.Tensor  # (B, C) bool, active columns
     bursting: torch.Tensor  # (B, C) bool, active columns with no predicted cell
+    novel: torch.Tensor  # (B, C) bool, active columns that learn a new context (choose_winners)
     cells: torch.Tensor  # (B, N) activity at t (0/1 forward values)
     winners: torch.Tensor  # (B, N) bool, cells that learn this context
-    matched: torch.Tensor  # (B, C) bool, bursting column whose winner has a matching segment
+    matched: torch.Tensor  # (B, C) bool, novel column whose winner has a matching segment
     anomaly: torch.Tensor  # (B,) share of active columns that were not predicted
 
 
@@ -128,6 +129,7 @@ class TemporalMemory(nn.Module):
             "predicted": zeros(n),  # cells predicted for the coming step
             "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
             "potential_overlap": zeros(n, s),
+            "context_overlap": zeros(n, s),  # overlaps with the context alone (see predict)
             "predicted_columns": zeros(self.columns),
             "prediction": zeros(self.input_size),  # decoded prediction of the coming input
             "anomaly": zeros(),
@@ -171,10 +173,10 @@ class TemporalMemory(nn.Module):
         # Predicted cells fire; an active column with no predicted cell bursts: its fallback
         # cells fire, or all its cells when there are none.
         cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - column_predicted).unsqueeze(-1))
-        winners, matched = self.choose_winners(state, columns, bursting, cells.detach() > 0)
+        winners, matched, novel = self.choose_winners(state, columns, cells.detach() > 0)
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
-        return LayerStep(x, state, columns, bursting, cells.view(b, -1), winners, matched, anomaly)
+        return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly)
 
     def fallback(self, state: State, bursting: torch.Tensor) -> torch.Tensor:
         """Cells of the bursting columns predicted by *any* cell of the previous step's columns.
@@ -190,26 +192,44 @@ class TemporalMemory(nn.Module):
         return predicted * bursting.unsqueeze(-1)
 
     @torch.no_grad()
-    def choose_winners(self, state: State, columns: torch.Tensor, bursting: torch.Tensor, cells: torch.Tensor):
-        """The cells that learn this context: the predicted cells of a predicted column; in a
-        bursting column (fallback or not) one winner, the cell with the best matching segment,
-        else the least used cell (random tie-break), so that a new context gets a new cell."""
+    def choose_winners(self, state: State, columns: torch.Tensor, cells: torch.Tensor):
+        """The cells that learn this context: in an active column, the cells the context
+        predicted; in a *novel* column, one that the context did not predict, one winner: the
+        cell with the best matching segment, else the least used cell (random tie-break), so
+        that a new context gets a new cell. Novel columns are the bursting ones, and those
+        predicted only through the cells that fired in a burst beside its winner (`predict`).
+        Returns (winners (B, N), matched (B, C), novel (B, C))."""
         b, c, m = columns.shape[0], self.columns, self.cells_per_column
-        predicted = cells.view(b, c, m) & (columns & ~bursting).unsqueeze(-1)
+        context = (state["context_overlap"].amax(-1) >= self.activation_threshold).view(b, c, m)
+        predicted = cells.view(b, c, m) & context & columns.unsqueeze(-1)
+        novel = columns & ~predicted.any(-1)
 
         best = state["potential_overlap"].amax(-1).view(b, c, m)
         best_value, best_cell = best.max(-1)
-        matched = bursting & (best_value >= self.matching_threshold)
+        matched = novel & (best_value >= self.matching_threshold)
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
         tie_break = torch.rand(b, c, m, device=best.device)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, least_used)
-        burst_winner = F.one_hot(chosen, m).bool() & bursting.unsqueeze(-1)
-        return (predicted | burst_winner).view(b, -1), matched
+        new_winner = F.one_hot(chosen, m).bool() & novel.unsqueeze(-1)
+        return (predicted | new_winner).view(b, -1), matched, novel
 
     def predict(self, step: LayerStep) -> State:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
         active, potential = self.segments.overlaps(step.cells)
+        # After a column burst into a context it has seen (its winner matched), the winner
+        # stands for that context; the rest of the burst is the union of every context the
+        # column knows. A column the burst predicts through those other cells alone is then
+        # novel: it learns the context on a new cell, this very step, instead of waiting until
+        # the burst column is predicted and the split reaches it one step per pass.
+        context = active.detach()
+        known = step.matched.any(-1)
+        if known.any():
+            with torch.no_grad():
+                winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
+            use = known.view(-1, 1, 1)
+            context = torch.where(use, winner_active, context)
+            potential = torch.where(use, winner_potential, potential)
         predicted = self.soft_threshold(active.amax(-1))
         predicted_columns = column_activity(predicted, self.cells_per_column)
         return {
@@ -219,6 +239,7 @@ class TemporalMemory(nn.Module):
             "predicted": predicted,
             "active_overlap": active.detach(),
             "potential_overlap": potential,
+            "context_overlap": context,
             "predicted_columns": predicted_columns,
             "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),

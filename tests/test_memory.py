@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from predictive.learning import build
-from predictive.memory import TemporalMemory
+from predictive.memory import LayerStep, TemporalMemory
 from predictive.stack import PredictiveStack
 
 LOCAL = build("local", new_synapses=6)
 SMALL = dict(
     columns=64, cells=4, active_columns=8, segments=2, synapses=8, activation_threshold=4, matching_threshold=3
 )
+THRESHOLDS = dict(activation_threshold=2, matching_threshold=2)
 
 
 def codes(n_symbols=6, width=48, bits=6, seed=0):
@@ -202,3 +203,48 @@ def test_local_learning_keeps_the_cached_synapse_masks_exact():
     p = seg.permanence.detach()
     assert (p > 0).any()
     assert torch.equal(seg._masks, torch.stack([p >= seg.connected_permanence, p > 0]).float())
+
+
+@pytest.mark.parametrize(
+    "burst_winner, matched, novel",
+    [
+        (0, True, False),  # the burst's winner is the cell the next column's segment knows
+        (1, True, True),  # a known context on another cell: predicted only through the union
+        (1, False, False),  # an unmatched winner (e.g. after noise) says nothing: the union holds
+    ],
+)
+def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell(burst_winner, matched, novel):
+    # Columns 2, 3 burst (all 8 cells fire). Cell 0 of columns 4 and 5 has a connected segment
+    # onto cell 0 of columns 2 and 3 (an older context). Columns 4, 5 become active next.
+    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
+    seg = layer.segments
+    with torch.no_grad():
+        for cell in (16, 20):
+            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
+            seg.permanence[cell * 2, :2] = 0.6
+            seg.last_learned[cell * 2] = 0
+    burst_columns = torch.zeros(1, 8, dtype=torch.bool)
+    burst_columns[0, 2:4] = True
+    cells = burst_columns.repeat_interleave(4, 1).float()
+    winners = torch.zeros(1, 32, dtype=torch.bool)
+    winners[0, [8 + burst_winner, 12 + burst_winner]] = True
+    step = LayerStep(
+        x=torch.zeros(1, 8),
+        prev=layer.initial_state(1),
+        columns=burst_columns,
+        bursting=burst_columns,
+        novel=burst_columns,
+        cells=cells,
+        winners=winners,
+        matched=burst_columns & matched,
+        anomaly=torch.ones(1),
+    )
+    state = layer.predict(step)
+    assert state["predicted"][0, [16, 20]].tolist() == [1.0, 1.0]  # the burst predicts them
+    active = torch.zeros(1, 8, dtype=torch.bool)
+    active[0, 4:6] = True
+    predicted_cells = (state["predicted"] > 0) & active.repeat_interleave(4, 1)
+    chosen, _, is_novel = layer.choose_winners(state, active, predicted_cells)
+    assert is_novel[0, 4:6].tolist() == [novel, novel]
+    assert chosen[0, [16, 20]].tolist() == [not novel, not novel]  # novel: another cell learns it
+    assert chosen[0].sum() == 2  # one winner per active column either way
