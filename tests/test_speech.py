@@ -290,6 +290,40 @@ def test_head_pools_cells_per_column():
         SegmentPoolHead(10, 3, cells_per_column=4)
 
 
+def test_head_answers_with_the_moving_average_of_its_weights_in_eval():
+    from tasks.speech.head import SegmentPoolHead
+
+    torch.manual_seed(0)
+    head = SegmentPoolHead(4, 2, segments=1, average=0.5)
+    start = head.linear.weight.detach().clone()
+    x, y = torch.randn(8, 3, 4), torch.randint(0, 2, (8,))
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    weights = [start]
+    for _ in range(3):  # each training forward first folds the weights of the last step in
+        loss = torch.nn.functional.cross_entropy(head(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        weights.append(head.linear.weight.detach().clone())
+    # decay min(0.5, (1 + n) / (10 + n)) at step n: 0.1, 2/11, 0.25 (the warm-up), over the
+    # weights before steps 0, 1, 2.
+    expected = start.clone()
+    for n, w in enumerate(weights[:3]):
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+    torch.testing.assert_close(head.average_weight, expected)
+    assert head.average_steps == 3
+    head.eval()  # validation / test: the average answers, and nothing moves
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), x.mean(1) @ expected.t() + head.average_bias)
+    torch.testing.assert_close(head.average_weight, expected)
+    assert not torch.allclose(head(x), head.linear(x.mean(1)))
+    assert "average_weight" in head.state_dict()  # checkpoints keep it
+    assert "average_weight" not in SegmentPoolHead(4, 2).state_dict()  # off by default
+    with pytest.raises(ValueError, match="head_average"):
+        SegmentPoolHead(4, 2, average=1.0)
+
+
 def test_noise_sweep_levels_and_fixed_noise():
     clips = ClipSet(torch.full((3, 1000), 16384, dtype=torch.int16), torch.tensor([0, 1, 2]))
     sweep = NoiseSweep(clips, [0.0, 0.25, 0.5], seed=7)
@@ -321,6 +355,7 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
         noise_levels=[0.0, 0.5],
         output_dir=tmp_path / "out",
         batch_size=8,
+        head_average=0.9,
     )
     assert task.classes == ["high", "low"] and task.input_size == 20 and not task.streaming
     data = task.datamodule()
@@ -331,6 +366,7 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     reset = task.reset_mask(batch)
     assert reset.shape == (8, 51) and reset[:, 0].all() and not reset[:, 1:].any()
     head = task.build_head(7)
+    assert head.average == 0.9 and head.segments == 2
     logits = head(torch.randn(8, 51, 7))
     assert logits.shape == (8, 2) and task.loss(logits, batch).item() > 0
     # Perfect answers on clean clips, always "high" on noisy ones: the sweep counts both.

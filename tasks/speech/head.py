@@ -1,6 +1,7 @@
 """The classifier on top of the sequence model."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from predictive.memory import column_activity
@@ -17,10 +18,23 @@ class SegmentPoolHead(nn.Module):
     learned context, a new clip bursts its columns, so a head on single cells sees different
     features in test than in training (FSDD, measured: 77% test from cells, 95% from columns,
     docs/results.md "Speech").
+
+    average > 0: the head also keeps an exponential moving average of its weights, decay
+    min(average, (1 + n) / (10 + n)) at training step n (the usual warm-up), and answers with
+    the average in eval mode (validation, test). A head trained for a few hundred steps on
+    noisy, augmented features ends wherever its last steps left it; the average is a better
+    estimate of the weights it was converging to (FSDD local, seeds 0-2: 0.931 -> 0.961 test,
+    docs/results.md "Speech"). Only the head is averaged, never the model below it.
     """
 
     def __init__(
-        self, feature_size: int, num_classes: int, segments: int = 4, dropout: float = 0.0, cells_per_column: int = 1
+        self,
+        feature_size: int,
+        num_classes: int,
+        segments: int = 4,
+        dropout: float = 0.0,
+        cells_per_column: int = 1,
+        average: float = 0.0,
     ):
         super().__init__()
         if cells_per_column < 1 or feature_size % cells_per_column:
@@ -30,7 +44,23 @@ class SegmentPoolHead(nn.Module):
             )
         self.segments, self.cells_per_column = segments, cells_per_column
         self.dropout = nn.Dropout(dropout)
+        if not 0.0 <= average < 1.0:
+            raise ValueError(f"task.head_average must be in [0, 1), got {average}")
         self.linear = nn.Linear(feature_size // cells_per_column * segments, num_classes)
+        self.average = average
+        if average:
+            self.register_buffer("average_weight", self.linear.weight.detach().clone())
+            self.register_buffer("average_bias", self.linear.bias.detach().clone())
+            self.register_buffer("average_steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """One step of the moving average towards the current weights."""
+        n = self.average_steps.to(self.average_weight.dtype)  # a tensor: no host sync on a GPU
+        rate = 1 - ((1 + n) / (10 + n)).clamp(max=self.average)
+        self.average_weight.lerp_(self.linear.weight, rate)
+        self.average_bias.lerp_(self.linear.bias, rate)
+        self.average_steps += 1
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, T, F) -> (B, classes) logits."""
@@ -39,4 +69,8 @@ class SegmentPoolHead(nn.Module):
         if self.cells_per_column > 1:
             features = column_activity(features, self.cells_per_column)
         pooled = torch.cat([s.mean(1) for s in torch.tensor_split(features, self.segments, dim=1)], 1)
+        if self.average and not self.training:
+            return F.linear(pooled, self.average_weight, self.average_bias)
+        if self.average and torch.is_grad_enabled():  # a training step: the weights of the last one
+            self.update_average()
         return self.linear(self.dropout(pooled))

@@ -65,6 +65,7 @@ class SpeechTask(Task):
         augment=None,
         segments=4,
         head_dropout=0.0,
+        head_average=0.0,
         cells_per_column=1,
         noise_levels=tuple(i / 20 for i in range(11)),
         noise_seed=0,
@@ -117,7 +118,7 @@ class SpeechTask(Task):
             Augment(sample_rate, noise=self._background(sample_rate), **(augment or {})), logmel
         )
         self.input_size = self.encoder.output_size
-        self.segments, self.head_dropout = segments, head_dropout
+        self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
         self.cells_per_column = cells_per_column
         self.noise_levels = list(noise_levels)
         self.output_dir = output_dir
@@ -149,7 +150,9 @@ class SpeechTask(Task):
         return mask
 
     def build_head(self, feature_size):
-        return SegmentPoolHead(feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column)
+        return SegmentPoolHead(
+            feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column, self.head_average
+        )
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
