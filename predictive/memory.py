@@ -67,6 +67,9 @@ class TemporalMemory(nn.Module):
         first_order_fallback: an unpredicted column fires the cells that any cell of the last
             step's columns predicts, instead of all its cells (off by default: on the
             high-order stream with never-repeating noise it merged contexts, see docs/core.md).
+        soft_kwta: 0: the k-WTA passes gradient to the winners' scores only; > 0: to every
+            column's score, through a sigmoid of its distance to the k-WTA boundary with this
+            temperature (in standard deviations of the scores). Forward values stay binary.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class TemporalMemory(nn.Module):
         duty_cycle_period: int = 1000,
         sharpness: float = 2.0,
         first_order_fallback: bool = False,
+        soft_kwta: float = 0.0,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -99,6 +103,9 @@ class TemporalMemory(nn.Module):
         self.matching_threshold = matching_threshold
         self.sharpness = sharpness
         self.first_order_fallback = first_order_fallback
+        if soft_kwta < 0:
+            raise ValueError(f"soft_kwta must be >= 0, got {soft_kwta}")
+        self.soft_kwta = soft_kwta
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -162,8 +169,7 @@ class TemporalMemory(nn.Module):
         b, c, m = x.shape[0], self.columns, self.cells_per_column
         scores = self.feedforward(x)  # (B, C)
         columns = self.kwinners.winners(scores)
-        # Value 1 at the winners; the gradient reaches the scores of winners only.
-        column_gate = straight_through(columns.to(x.dtype), scores * columns)
+        column_gate = straight_through(columns.to(x.dtype), self.column_gradient(scores, columns))
         predicted = state["predicted"].view(b, c, m)
         column_predicted = predicted.amax(-1)
         bursting = columns & (column_predicted.detach() == 0)
@@ -177,6 +183,19 @@ class TemporalMemory(nn.Module):
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
         return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly)
+
+    def column_gradient(self, scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """What carries the gradient of the k-WTA gate (its forward value is 0/1). By default
+        the winners' scores alone, so a column that lost never learns to win; with
+        `soft_kwta` > 0 every column's score, through a sigmoid of its distance to the k-WTA
+        boundary in units of `soft_kwta` x the scores' standard deviation."""
+        if self.soft_kwta == 0 or not scores.requires_grad:
+            return scores * columns
+        with torch.no_grad():
+            top = scores.topk(min(self.k + 1, self.columns), dim=-1).values
+            boundary = top[..., -2:].mean(-1, keepdim=True)
+            scale = self.soft_kwta * scores.std(-1, keepdim=True).clamp(min=1e-6)
+        return torch.sigmoid((scores - boundary) / scale)
 
     def fallback(self, state: State, bursting: torch.Tensor) -> torch.Tensor:
         """Cells of the bursting columns predicted by *any* cell of the previous step's columns.

@@ -165,6 +165,7 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(feedforward_sparsity=1.0), "sparsity"),
         (dict(activation_threshold=9), "activation_threshold"),
         (dict(matching_threshold=0), "matching_threshold"),
+        (dict(soft_kwta=-1.0), "soft_kwta"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(settings, name):
@@ -248,3 +249,19 @@ def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell
     assert is_novel[0, 4:6].tolist() == [novel, novel]
     assert chosen[0, [16, 20]].tolist() == [not novel, not novel]  # novel: another cell learns it
     assert chosen[0].sum() == 2  # one winner per active column either way
+
+
+def test_soft_kwta_sends_gradient_to_losing_columns_with_the_same_forward_values():
+    x = torch.rand(2, 48, generator=torch.Generator().manual_seed(1))
+    cells, reached = [], []
+    for soft in (0.0, 1.0):
+        torch.manual_seed(0)
+        layer = TemporalMemory(48, soft_kwta=soft, **SMALL)
+        step, _ = layer(x, layer.initial_state(2))
+        step.cells.sum().backward()
+        grad = layer.feedforward.parametrizations.weight.original.grad  # (C, D)
+        losers = ~step.columns.any(0)
+        cells.append(step.cells.detach())
+        reached.append(bool(grad[losers].abs().sum() > 0))
+    assert torch.equal(cells[0], cells[1])  # the forward pass is the same binary activity
+    assert reached == [False, True]  # only the soft gate lets a losing column learn to win
