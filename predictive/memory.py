@@ -136,7 +136,7 @@ class TemporalMemory(nn.Module):
             "predicted": zeros(n),  # cells predicted for the coming step
             "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
             "potential_overlap": zeros(n, s),
-            "context_overlap": zeros(n, s),  # overlaps with the context alone (see predict)
+            "context_predicted": zeros(n),  # cells the context alone predicts (see predict)
             "predicted_columns": zeros(self.columns),
             "prediction": zeros(self.input_size),  # decoded prediction of the coming input
             "anomaly": zeros(),
@@ -219,7 +219,7 @@ class TemporalMemory(nn.Module):
         predicted only through the cells that fired in a burst beside its winner (`predict`).
         Returns (winners (B, N), matched (B, C), novel (B, C))."""
         b, c, m = columns.shape[0], self.columns, self.cells_per_column
-        context = (state["context_overlap"].amax(-1) >= self.activation_threshold).view(b, c, m)
+        context = state["context_predicted"].view(b, c, m) > 0
         predicted = cells.view(b, c, m) & context & columns.unsqueeze(-1)
         novel = columns & ~predicted.any(-1)
 
@@ -241,15 +241,15 @@ class TemporalMemory(nn.Module):
         # column knows. A column the burst predicts through those other cells alone is then
         # novel: it learns the context on a new cell, this very step, instead of waiting until
         # the burst column is predicted and the split reaches it one step per pass.
-        context = active.detach()
+        predicted = self.soft_threshold(active.amax(-1))
+        context = predicted.detach()
         known = step.matched.any(-1)
         if known.any():
             with torch.no_grad():
                 winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
-            use = known.view(-1, 1, 1)
-            context = torch.where(use, winner_active, context)
-            potential = torch.where(use, winner_potential, potential)
-        predicted = self.soft_threshold(active.amax(-1))
+            by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
+            context = torch.where(known.unsqueeze(-1), by_winners, context)
+            potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
         predicted_columns = column_activity(predicted, self.cells_per_column)
         return {
             "cells": step.cells,
@@ -258,7 +258,7 @@ class TemporalMemory(nn.Module):
             "predicted": predicted,
             "active_overlap": active.detach(),
             "potential_overlap": potential,
-            "context_overlap": context,
+            "context_predicted": context,
             "predicted_columns": predicted_columns,
             "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),
