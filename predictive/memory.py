@@ -137,6 +137,7 @@ class TemporalMemory(nn.Module):
             "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
             "potential_overlap": zeros(n, s),
             "context_predicted": zeros(n),  # cells the context alone predicts (see predict)
+            "diverted": zeros(),  # 1: this step's winners alone stand for its context (see predict)
             "predicted_columns": zeros(self.columns),
             "prediction": zeros(self.input_size),  # decoded prediction of the coming input
             "anomaly": zeros(),
@@ -240,10 +241,14 @@ class TemporalMemory(nn.Module):
         # stands for that context; the rest of the burst is the union of every context the
         # column knows. A column the burst predicts through those other cells alone is then
         # novel: it learns the context on a new cell, this very step, instead of waiting until
-        # the burst column is predicted and the split reaches it one step per pass.
+        # the burst column is predicted and the split reaches it one step per pass. The
+        # context stays *diverted* while columns keep firing old cells but learn on new
+        # winners: the new winners alone carry it on, so a split runs down a whole shared
+        # middle in one pass instead of one element per pass.
         predicted = self.soft_threshold(active.amax(-1))
         context = predicted.detach()
-        known = step.matched.any(-1)
+        diverted = step.prev["diverted"] > 0
+        known = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
         if known.any():
             with torch.no_grad():
                 winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
@@ -259,6 +264,7 @@ class TemporalMemory(nn.Module):
             "active_overlap": active.detach(),
             "potential_overlap": potential,
             "context_predicted": context,
+            "diverted": known.to(step.cells.dtype),
             "predicted_columns": predicted_columns,
             "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),

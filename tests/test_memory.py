@@ -251,6 +251,47 @@ def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell
     assert chosen[0].sum() == 2  # one winner per active column either way
 
 
+@pytest.mark.parametrize("diverted", [True, False])
+def test_a_diverted_context_stays_on_the_new_winners(diverted):
+    # Columns 2, 3 fire their old cells 0 (predicted) but learn on new winners, cells 1 (novel,
+    # not bursting). Cell 0 of columns 4, 5 listens to the old cells. When the step before was
+    # already diverted (a known context on new winners), the new winners alone carry the
+    # context on and columns 4, 5 are novel too; otherwise the old cells' prediction stands.
+    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
+    seg = layer.segments
+    with torch.no_grad():
+        for cell in (16, 20):
+            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
+            seg.permanence[cell * 2, :2] = 0.6
+            seg.last_learned[cell * 2] = 0
+    columns = torch.zeros(1, 8, dtype=torch.bool)
+    columns[0, 2:4] = True
+    cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
+    cells[0, [8, 12]] = 1.0
+    winners[0, [9, 13]] = True
+    prev = layer.initial_state(1)
+    prev["diverted"].fill_(float(diverted))
+    step = LayerStep(
+        x=torch.zeros(1, 8),
+        prev=prev,
+        columns=columns,
+        bursting=torch.zeros_like(columns),
+        novel=columns,
+        cells=cells,
+        winners=winners,
+        matched=torch.zeros_like(columns),
+        anomaly=torch.zeros(1),
+    )
+    state = layer.predict(step)
+    assert state["predicted"][0, [16, 20]].tolist() == [1.0, 1.0]
+    assert state["diverted"].tolist() == [float(diverted)]
+    active = torch.zeros(1, 8, dtype=torch.bool)
+    active[0, 4:6] = True
+    predicted_cells = (state["predicted"] > 0) & active.repeat_interleave(4, 1)
+    _, _, is_novel = layer.choose_winners(state, active, predicted_cells)
+    assert is_novel[0, 4:6].tolist() == [diverted, diverted]
+
+
 def test_soft_kwta_sends_gradient_to_losing_columns_with_the_same_forward_values():
     x = torch.rand(2, 48, generator=torch.Generator().manual_seed(1))
     cells, reached = [], []
