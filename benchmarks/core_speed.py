@@ -2,6 +2,7 @@
 
     python benchmarks/core_speed.py                 # 2048 columns x 16 cells, batch 1 and 64
     python benchmarks/core_speed.py --columns 512 --cells 8 --steps 50
+    python benchmarks/core_speed.py --device cuda   # speed on a GPU (the memory part is CPU-only)
 
 Backprop through 2000 steps keeps the whole graph: at 512 columns x 8 cells it passed 20 GB,
 so the memory comparison uses a small layer by default (--memory-columns, --memory-cells).
@@ -28,16 +29,17 @@ from predictive.learning import build
 from predictive.stack import PredictiveStack
 
 
-def make_stack(args, mode):
+def make_stack(args, mode, device="cpu"):
     torch.manual_seed(0)
     stack = PredictiveStack(
         args.input_size, 1, columns=args.columns, cells=args.cells, active_columns=args.active_columns,
         segments=args.segments, synapses=args.synapses, activation_threshold=13, matching_threshold=10,
-    )
+    ).to(device)
     rule = make_rule(mode)
     rule.check(stack)  # backprop: random initial synapses
     if mode == "local":  # a layer that has learned for a while
-        run_chunk(stack, rule, sdr_inputs(1, args.warmup, args.input_size, vocabulary=50), stack.initial_state(1))
+        x = sdr_inputs(1, args.warmup, args.input_size, vocabulary=50).to(device)
+        run_chunk(stack, rule, x, stack.initial_state(1, device))
     return stack, rule
 
 
@@ -64,11 +66,15 @@ def run_chunk(model, rule, x, state):
 
 
 def speed(model, rule, batch, steps, args):
-    state = model.initial_state(batch)
-    x = sdr_inputs(batch, steps, args.input_size)
+    device = next(model.parameters()).device
+    state = model.initial_state(batch, device)
+    x = sdr_inputs(batch, steps, args.input_size).to(device)
     state = run_chunk(model, rule, x[:, :2], state)  # warm up
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     run_chunk(model, rule, x, state)
+    synchronize()
     seconds = time.perf_counter() - start
     return steps / seconds
 
@@ -113,6 +119,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (train.py's default is 1)")
     p.add_argument("--memory-columns", type=int, default=128, help="layer size for the T=100 vs T=2000 memory run")
     p.add_argument("--memory-cells", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where the speed part runs")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
     torch.set_num_threads(args.threads)
@@ -122,12 +129,12 @@ def main():
         return memory_child(args, mode, int(steps))
 
     torch.set_num_threads(args.threads)
-    stacks = {mode: make_stack(args, mode) for mode in ("local", "backprop")}
+    stacks = {mode: make_stack(args, mode, args.device) for mode in ("local", "backprop")}
     synapses = stacks["local"][0].layers[0].segments.permanence.numel()
-    lstm = LSTMModel(args.input_size, hidden_size=1024)
+    lstm = LSTMModel(args.input_size, hidden_size=1024).to(args.device)
     print(f"layer: {args.columns} columns x {args.cells} cells, {args.segments} segments x {args.synapses} "
           f"synapses ({synapses / 1e6:.1f} M synapse slots), input {args.input_size}; torch threads "
-          f"{torch.get_num_threads()}; baseline: LSTM, 1024 hidden units")
+          f"{torch.get_num_threads()}; device {args.device}; baseline: LSTM, 1024 hidden units")
     print(f"{'batch':>5} {'mode':>9} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
     for batch in args.batches:
         lstm_rate = speed(lstm, make_rule("backprop"), batch, args.steps, args)
@@ -136,6 +143,8 @@ def main():
             ratio = rate / lstm_rate
             print(f"{batch:>5} {mode:>9} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
 
+    if args.device != "cpu":
+        return
     print(f"\npeak memory of one chunk, batch 1, {args.memory_columns} columns x {args.memory_cells} cells "
           "(resident MB above the model; fresh process each)")
     print(f"{'mode':>9} {'T=100':>9} {'T=2000':>9} {'ratio':>7}")
