@@ -144,6 +144,16 @@ def test_resume_is_exact(tmp_path, local_run):
     assert str(a["optimizer_states"]) == str(b["optimizer_states"])
 
 
+def test_resume_from_a_stream_state_of_another_version_fails_clearly(tmp_path):
+    stopped = tmp_path / "stopped"
+    train.train(config(stopped, "learning=local", "trainer.max_steps=1"))
+    ckpt = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["stream_state"]["0.diverted"]  # as saved before that state existed
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"stream state does not fit this model: missing \['0.diverted'\]"):
+        train.train(config(tmp_path / "resumed", "learning=local", f"ckpt_path={tmp_path / 'old.ckpt'}"))
+
+
 def test_non_finite_input_stops_the_run(tmp_path, monkeypatch):
     from tasks.sequence import SymbolInput
 
