@@ -49,8 +49,12 @@ class PredictiveHebbian:
       `predicted_decrement` when the context at t-1 was itself predicted: a confident
       prediction that failed. A context that burst predicts the union of everything that ever
       followed it, and most of that union is wrong every time (a symbol followed by several
-      others, or by noise); its segments fade by the smaller `burst_decrement`, so that
-      transitions that recur survive and chance ones (noise followed by a symbol) disappear.
+      others, or by noise); its segments fade by `burst_decrement`, 0 by default: a burst
+      fires every cell of its columns, so any decrement there also wears down the links of
+      contexts that are right, each time their symbol bursts somewhere else. On the
+      high-order task 0.03 kept a sequence's ending from connecting until the other
+      sequences stopped bursting (elements to 95% 1,349 -> 1,218 at 0, two endings 0.970 ->
+      1.000, seeds 0-2).
       With `permanence_increment` 0.12 and `predicted_decrement` 0.08 a context followed by
       either of two symbols keeps both (+0.12 half the time, -0.08 the other half), and a
       continuation that stopped coming fades in about six occurrences: on the high-order
@@ -66,7 +70,7 @@ class PredictiveHebbian:
     permanence_increment: float = 0.12
     permanence_decrement: float = 0.02
     predicted_decrement: float = 0.08
-    burst_decrement: float = 0.03
+    burst_decrement: float = 0.0
     initial_permanence: float = 0.45
     new_synapses: int = 20
     grow_predicted: bool = False
