@@ -206,6 +206,19 @@ def test_local_learning_keeps_the_cached_synapse_masks_exact():
     assert torch.equal(seg._masks, torch.stack([p >= seg.connected_permanence, p > 0]).float())
 
 
+def layer_with_an_old_context() -> TemporalMemory:
+    """8 columns x 4 cells; cell 0 of columns 4 and 5 (cells 16, 20) has a connected segment
+    onto cell 0 of columns 2 and 3 (cells 8, 12): an older context."""
+    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
+    seg = layer.segments
+    with torch.no_grad():
+        for cell in (16, 20):
+            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
+            seg.permanence[cell * 2, :2] = 0.6
+            seg.last_learned[cell * 2] = 0
+    return layer
+
+
 @pytest.mark.parametrize(
     "burst_winner, matched, novel",
     [
@@ -217,13 +230,7 @@ def test_local_learning_keeps_the_cached_synapse_masks_exact():
 def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell(burst_winner, matched, novel):
     # Columns 2, 3 burst (all 8 cells fire). Cell 0 of columns 4 and 5 has a connected segment
     # onto cell 0 of columns 2 and 3 (an older context). Columns 4, 5 become active next.
-    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
-    seg = layer.segments
-    with torch.no_grad():
-        for cell in (16, 20):
-            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
-            seg.permanence[cell * 2, :2] = 0.6
-            seg.last_learned[cell * 2] = 0
+    layer = layer_with_an_old_context()
     burst_columns = torch.zeros(1, 8, dtype=torch.bool)
     burst_columns[0, 2:4] = True
     cells = burst_columns.repeat_interleave(4, 1).float()
@@ -257,13 +264,7 @@ def test_a_diverted_context_stays_on_the_new_winners(diverted):
     # not bursting). Cell 0 of columns 4, 5 listens to the old cells. When the step before was
     # already diverted (a known context on new winners), the new winners alone carry the
     # context on and columns 4, 5 are novel too; otherwise the old cells' prediction stands.
-    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
-    seg = layer.segments
-    with torch.no_grad():
-        for cell in (16, 20):
-            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
-            seg.permanence[cell * 2, :2] = 0.6
-            seg.last_learned[cell * 2] = 0
+    layer = layer_with_an_old_context()
     columns = torch.zeros(1, 8, dtype=torch.bool)
     columns[0, 2:4] = True
     cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
