@@ -184,6 +184,10 @@ def test_bad_learning_settings_are_rejected():
         build("evolution")
     with pytest.raises(ValueError, match="initial_permanence"):
         build("local", initial_permanence=0.0)
+    with pytest.raises(ValueError, match=r"burst_decrement must be in \[0, 1\], got -0.1"):
+        build("local", burst_decrement=-0.1)
+    with pytest.raises(ValueError, match="permanence_increment"):
+        build("local", permanence_increment=1.5)
     with pytest.raises(ValueError, match="local_loss_weight"):
         build("hybrid", local_loss_weight=-1.0)
     with pytest.raises(ValueError, match="grow_predicted must be true or false"):
