@@ -115,7 +115,8 @@ class DistalSegments(nn.Module):
         g = num_cells * num_segments
         self.permanence = nn.Parameter(torch.zeros(g, synapses))
         self.register_buffer("presynaptic", torch.zeros(g, synapses, dtype=torch.long))
-        # Step at which each segment last learned (-1: never used); picks slots for new segments.
+        # Step at which each segment last learned (-1: never used, all permanences 0); picks slots for
+        # new segments.
         self.register_buffer("last_learned", torch.full((g,), -1, dtype=torch.long))
         self._masks, self._masks_version = None, -1  # cache of synapse_masks()
         self.reset_parameters()
@@ -133,6 +134,7 @@ class DistalSegments(nn.Module):
         the starting point for learning by gradient (local learning starts empty and grows)."""
         self.permanence.uniform_(0.0, 1.0)
         self.presynaptic.random_(0, self.presynaptic_cells)
+        self.last_learned.fill_(0)  # every segment now holds synapses
 
     def forward(self, activity: torch.Tensor) -> torch.Tensor:
         """Connected overlap of every segment with `activity`: the number of connected synapses
@@ -177,6 +179,11 @@ class DistalSegments(nn.Module):
             self._masks[:, rows] = torch.stack([p[rows] >= self.connected_permanence, p[rows] > 0]).to(p.dtype)
         self._masks_version = p._version
         return self._masks
+
+    def synapse_masks_changed(self) -> None:
+        """Permanences were written without torch seeing it (through numpy, predictive.fused):
+        drop the cached masks."""
+        self._masks = None
 
     def shape(self, activity: torch.Tensor) -> tuple[int, int, int]:
         return (activity.shape[0], self.num_cells, self.num_segments)

@@ -107,6 +107,9 @@ class PredictiveHebbian:
         b, c, m, s = step.x.shape[0], layer.columns, layer.cells_per_column, seg.num_segments
         prev_active = prev["cells"] > 0  # (B, N)
         prev_winners = prev["winners"] > 0
+        # Drawn at every step, used or not, so that the random stream does not depend on what
+        # was learned (predictive.fused draws a chunk's numbers at once).
+        sample_noise = torch.rand(prev_winners.shape, device=prev_winners.device)
         if not prev_active.any():
             return  # first step after a reset: no context to learn from
         potential = prev["potential_overlap"]  # (B, N, S)
@@ -145,7 +148,7 @@ class PredictiveHebbian:
             missing = torch.where(burst_segment.view(b, -1)[learn_b, learn_segment], missing, 0)
         missing = torch.cat([missing, torch.full_like(slots, self.new_synapses, dtype=missing.dtype)])
         grow_b, grow_segment = torch.cat([learn_b, new_b]), torch.cat([learn_segment, new_segment])
-        self.grow(seg, prev_winners, grow_b, grow_segment, missing.clamp(min=0).long())
+        self.grow(seg, prev_winners, sample_noise, grow_b, grow_segment, missing.clamp(min=0).long())
         seg.last_learned[grow_segment] = layer.learning_steps
         # Every reinforced segment is in grow_segment (some grow nothing), so these are all.
         seg.synapse_masks(torch.cat([wrong_rows, grow_segment]).unique(), since=version)
@@ -170,14 +173,14 @@ class PredictiveHebbian:
         perm[rows] = perm[rows].clamp(0.0, 1.0)
         return rows
 
-    def grow(self, seg, prev_winners, bi, gi, missing) -> None:
+    def grow(self, seg, prev_winners, noise, bi, gi, missing) -> None:
         """Point up to `missing` weakest synapses of each segment at winners of t-1 that it
-        does not reach yet, at the initial permanence."""
+        does not reach yet, at the initial permanence; `noise` (B, N) in [0, 1) picks which."""
         if gi.numel() == 0 or not prev_winners.any():
             return
         k = self.new_synapses
         # A random sample of k winners per stream (fewer when fewer won).
-        scores = prev_winners.to(seg.permanence.dtype) * torch.rand(prev_winners.shape, device=bi.device)
+        scores = prev_winners.to(seg.permanence.dtype) * noise
         sample_score, sample = scores.topk(k, dim=-1)
         candidates, valid = sample[bi], sample_score[bi] > 0  # (P, k)
         perm = seg.permanence
@@ -185,7 +188,7 @@ class PredictiveHebbian:
         valid &= ~present.any(1)
         rank = valid.long().cumsum(-1) - 1
         take = valid & (rank < missing.unsqueeze(-1))
-        weakest = perm[gi].argsort(dim=-1)  # (P, F): empty slots (0) first
+        weakest = perm[gi].argsort(dim=-1, stable=True)  # (P, F): empty slots (0) first
         slot = weakest.gather(-1, rank.clamp(min=0))
         rows = gi.unsqueeze(-1).expand_as(candidates)[take]
         cols = slot[take]
@@ -220,6 +223,7 @@ class LearningRule:
     local_loss_weight = 0.0
     task_loss_trains_model = True
     grows_segments = False  # do gradient-trained layers also grow segments (structural_update)?
+    fused = False  # every layer learns by `hebbian` alone: may run compiled (predictive.fused)
 
     def is_local(self, layer_index: int) -> bool:
         """Does layer `layer_index` (0 = bottom) learn by explicit local updates, cut off from
@@ -256,8 +260,12 @@ class Local(LearningRule):
     task_loss_trains_model = False
     local_loss_weight = 1.0  # models that learn through a loss (the LSTM) use their own
 
-    def __init__(self, **hebbian):
+    def __init__(self, fused: bool = True, **hebbian):
+        """fused: on a CPU, run each layer's chunk in one compiled loop (predictive.fused),
+        the same steps as the torch ops at a fraction of their dispatch cost."""
+        check_flags(fused=fused)
         self.hebbian = PredictiveHebbian(**hebbian)
+        self.fused = fused
 
     def is_local(self, layer_index: int) -> bool:
         return True
@@ -272,7 +280,7 @@ class Local(LearningRule):
                 self.hebbian.check(layer)
 
     def __repr__(self) -> str:
-        return f"Local({self.hebbian})"
+        return f"Local({self.hebbian}, fused={self.fused})"
 
 
 class Backprop(LearningRule):
@@ -289,7 +297,7 @@ class Hybrid(Local):
     task_loss_trains_model = True
 
     def __init__(self, local_loss_weight: float = 0.1, local_layers: int = 0, grow_segments: bool = True, **hebbian):
-        super().__init__(**hebbian)
+        super().__init__(fused=False, **hebbian)
         if local_loss_weight < 0:
             raise ValueError(f"local_loss_weight must be >= 0, got {local_loss_weight}")
         if local_layers < 0:

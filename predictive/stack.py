@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from predictive import fused
 from predictive.learning import Backprop, LearningRule
 from predictive.memory import TemporalMemory
 
@@ -106,6 +107,8 @@ class PredictiveStack(nn.Module):
         """x: (B, T, D); reset: (B, T) bool or None; learning: the rule (default backprop)."""
         check_input(x, self.input_size)
         rule = learning or Backprop()
+        if rule.fused and all(fused.supported(layer, rule.hebbian, x) for layer in self.layers):
+            return self.forward_fused(x, state, reset, rule)
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
         local_loss = x.new_zeros(())
@@ -127,4 +130,18 @@ class PredictiveStack(nn.Module):
             local_loss=local_loss / x.shape[1],
         )
         new_state = {f"{i}.{name}": value for i, s in enumerate(states) for name, value in s.items()}
+        return out, new_state
+
+    def forward_fused(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
+        """`forward` for a rule whose every layer learns locally, on a CPU: each layer runs the
+        whole chunk in one compiled loop (predictive.fused). Nothing of a layer reaches the
+        layers below it in local mode, so the layers can run one after the other."""
+        outputs, new_state, inputs = [], {}, x
+        for i, (layer, layer_state) in enumerate(zip(self.layers, self.layer_states(state))):
+            *out, layer_state = fused.run_layer(layer, rule.hebbian, inputs, layer_state, reset)
+            outputs.append(out)
+            new_state.update({f"{i}.{name}": value for name, value in layer_state.items()})
+            inputs = out[0]
+        (cells, predicted, _, _), (_, _, prediction, anomaly) = outputs[-1], outputs[0]
+        out = StackOutput(cells, predicted, prediction, anomaly, local_loss=x.new_zeros(()))
         return out, new_state

@@ -31,11 +31,12 @@ def starts(length, period):
     return (torch.arange(length) % period == 0).unsqueeze(0)
 
 
-def test_first_step_bursts_then_a_learned_sequence_is_predicted():
+@pytest.mark.parametrize("fused", [False, True])
+def test_first_step_bursts_then_a_learned_sequence_is_predicted(fused):
     torch.manual_seed(0)
     stack = PredictiveStack(48, 1, **SMALL)
     x = stream([0, 1, 2, 3, 4], 6)
-    out, _ = stack(x, stack.initial_state(1), reset=starts(30, 5), learning=build("local", new_synapses=6))
+    out, _ = stack(x, stack.initial_state(1), reset=starts(30, 5), learning=build("local", new_synapses=6, fused=fused))
     layer = stack.layers[0]
     assert (out.anomaly[0, ::5] == 1.0).all()  # after a reset nothing is predicted: all burst
     assert out.cells[0, 0].sum() == layer.k * layer.cells_per_column
@@ -46,22 +47,24 @@ def test_first_step_bursts_then_a_learned_sequence_is_predicted():
     assert ((last == 0) | (last == 1)).all()
 
 
-def test_same_symbol_in_two_contexts_uses_different_cells():
+@pytest.mark.parametrize("fused", [False, True])
+def test_same_symbol_in_two_contexts_uses_different_cells(fused):
     torch.manual_seed(0)
     stack = PredictiveStack(48, 1, **SMALL)
     x = stream([0, 2, 3, 1, 2, 4], 8)  # symbol 2 after 0 and after 1
-    out, _ = stack(x, stack.initial_state(1), reset=starts(48, 3), learning=build("local", new_synapses=6))
+    out, _ = stack(x, stack.initial_state(1), reset=starts(48, 3), learning=build("local", new_synapses=6, fused=fused))
     after_0, after_1 = out.cells[0, -5], out.cells[0, -2]
     layer_columns = lambda cells: cells.view(64, 4).amax(-1)  # noqa: E731
     assert torch.equal(layer_columns(after_0), layer_columns(after_1))  # same columns: same input
     assert (after_0 * after_1).sum() == 0  # disjoint cells: different contexts
 
 
-def test_reset_clears_only_the_masked_streams():
+@pytest.mark.parametrize("fused", [False, True])
+def test_reset_clears_only_the_masked_streams(fused):
     torch.manual_seed(0)
     stack = PredictiveStack(48, 1, **SMALL)
     x = stream([0, 1, 2, 3], 8, batch=2)
-    rule = build("local", new_synapses=6)
+    rule = build("local", new_synapses=6, fused=fused)
     _, state = stack(x[:, :-1], stack.initial_state(2), reset=starts(31, 4).expand(2, -1), learning=rule)
     reset = torch.tensor([[True], [False]])
     out, _ = stack(x[:, -1:], state, reset=reset, learning=rule)  # symbol 3, predicted in context
@@ -200,14 +203,15 @@ def test_bad_learning_settings_are_rejected():
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
 
 
-def test_local_learning_keeps_the_cached_synapse_masks_exact():
+@pytest.mark.parametrize("fused", [False, True])
+def test_local_learning_keeps_the_cached_synapse_masks_exact(fused):
     torch.manual_seed(0)
     stack = PredictiveStack(48, [SMALL])
-    stack(stream([0, 1, 2, 3, 4], 6), stack.initial_state(1), learning=LOCAL)
+    stack(stream([0, 1, 2, 3, 4], 6), stack.initial_state(1), learning=build("local", new_synapses=6, fused=fused))
     seg = stack.layers[0].segments
     p = seg.permanence.detach()
     assert (p > 0).any()
-    assert torch.equal(seg._masks, torch.stack([p >= seg.connected_permanence, p > 0]).float())
+    assert torch.equal(seg.synapse_masks(), torch.stack([p >= seg.connected_permanence, p > 0]).float())
 
 
 def layer_with_an_old_context() -> TemporalMemory:
