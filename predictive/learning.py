@@ -296,7 +296,12 @@ class Hybrid(Local):
     name = "hybrid"
     task_loss_trains_model = True
 
-    def __init__(self, local_loss_weight: float = 0.1, local_layers: int = 0, grow_segments: bool = True, **hebbian):
+    def __init__(
+        self, local_loss_weight: float = 0.1, local_layers: int = 0, grow_segments: bool = True, fused: bool = False,
+        **hebbian,
+    ):
+        if fused is not False:  # its gradient layers run step by step, between the local ones
+            raise ValueError(f"fused must be false for learning=hybrid (it applies to learning=local), got {fused!r}")
         super().__init__(fused=False, **hebbian)
         if local_loss_weight < 0:
             raise ValueError(f"local_loss_weight must be >= 0, got {local_loss_weight}")
