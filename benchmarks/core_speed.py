@@ -9,10 +9,12 @@ so the memory comparison uses a small layer by default (--memory-columns, --memo
 
 Prints time steps per second (one step = one element of every stream in the batch) and
 stream-steps per second, and the peak resident memory of a chunk of T=100 vs T=2000 steps in
-each mode, each measured in a fresh process. The overlap step costs the same whatever the
-permanences (every synapse slot is visited); the learning step depends on how many segments
-learn, so the local layer is timed after `--warmup` steps of the same kind of input, and the
-backprop layer starts from random synapses, as the rule gives it.
+each mode, each measured in a fresh process. Modes: local (compiled chunks, predictive.fused,
+the default on a CPU), local-torch (the same rule as torch ops, step by step) and backprop.
+The torch overlap step visits every synapse slot whatever the permanences; the learning step
+depends on how many segments learn, so the local layers are timed after `--warmup` steps of
+the same kind of input, and the backprop layer starts from random synapses, as the rule
+gives it.
 """
 
 import argparse
@@ -37,14 +39,19 @@ def make_stack(args, mode, device="cpu"):
     ).to(device)
     rule = make_rule(mode)
     rule.check(stack)  # backprop: random initial synapses
-    if mode == "local":  # a layer that has learned for a while
+    if rule.name == "local":  # a layer that has learned for a while
         x = sdr_inputs(1, args.warmup, args.input_size, vocabulary=50).to(device)
         run_chunk(stack, rule, x, stack.initial_state(1, device))
     return stack, rule
 
 
+MODES = ("local", "local-torch", "backprop")  # local: compiled chunks (predictive.fused); local-torch: torch steps
+
+
 def make_rule(mode):
-    return build(mode, **({"new_synapses": 20} if mode == "local" else {}))
+    if mode.startswith("local"):
+        return build("local", new_synapses=20, fused=mode == "local")
+    return build(mode)
 
 
 def sdr_inputs(batch, steps, width, on=20, vocabulary=50):
@@ -86,6 +93,16 @@ def peak_memory(args, mode, steps):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss would also count the
+    parent's peak from before the exec, which hid every chunk behind the speed runs' peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_child(args, mode, steps):
     """One chunk step by step, keeping only what the mode must keep: nothing in local mode,
     the graph of the whole chunk in backprop mode (the head's per-step outputs, B x T x N,
@@ -93,7 +110,7 @@ def memory_child(args, mode, steps):
     model, rule = make_stack(args, mode)
     x = sdr_inputs(1, steps, args.input_size)
     states = model.layer_states(model.initial_state(1))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     total = x.new_zeros(())
     for t in range(steps):
         steps_out, states, _ = model.step(x[:, t], states, None, rule)
@@ -101,7 +118,7 @@ def memory_child(args, mode, steps):
             total = total + steps_out[-1].cells.sum()
     if mode == "backprop":
         total.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = peak_rss_mb()
     print(json.dumps({"before_mb": before, "peak_mb": after, "chunk_mb": after - before}))
 
 
@@ -129,19 +146,21 @@ def main():
         return memory_child(args, mode, int(steps))
 
     torch.set_num_threads(args.threads)
-    stacks = {mode: make_stack(args, mode, args.device) for mode in ("local", "backprop")}
+    stacks = {mode: make_stack(args, mode, args.device) for mode in MODES}
     synapses = stacks["local"][0].layers[0].segments.permanence.numel()
     lstm = LSTMModel(args.input_size, hidden_size=1024).to(args.device)
     print(f"layer: {args.columns} columns x {args.cells} cells, {args.segments} segments x {args.synapses} "
           f"synapses ({synapses / 1e6:.1f} M synapse slots), input {args.input_size}; torch threads "
           f"{torch.get_num_threads()}; device {args.device}; baseline: LSTM, 1024 hidden units")
-    print(f"{'batch':>5} {'mode':>9} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
+    print(f"{'batch':>5} {'mode':>11} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
     for batch in args.batches:
         lstm_rate = speed(lstm, make_rule("backprop"), batch, args.steps, args)
+        rates = {}
         for mode, (stack, rule) in stacks.items():
-            rate = speed(stack, rule, batch, args.steps, args)
+            rates[mode] = rate = speed(stack, rule, batch, args.steps, args)
             ratio = rate / lstm_rate
-            print(f"{batch:>5} {mode:>9} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
+            print(f"{batch:>5} {mode:>11} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
+        print(f"{batch:>5} local (compiled) / local-torch: {rates['local'] / rates['local-torch']:.2f}x")
 
     if args.device != "cpu":
         return
