@@ -64,7 +64,7 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     rates = np.array([
         seg.connected_permanence, hebbian.permanence_increment, hebbian.permanence_decrement,
         hebbian.predicted_decrement, hebbian.burst_decrement, hebbian.initial_permanence, hebbian.decoder_rate,
-        kw.density, kw.boost_strength_factor,
+        kw.density, kw.boost_strength_factor, hebbian.decoder_code_rate,
     ], dtype=np.float32)
     chunk(
         scores.numpy(), x.numpy(), reset.numpy(), noise.numpy(), *(state[k].numpy() for k in STATE),
@@ -212,8 +212,8 @@ def chunk(scores, x, reset, noise,
     k_select, k, m, s_len = settings[0], settings[1], settings[2], settings[3]
     act_thr, match_thr, new_synapses = settings[4], settings[5], settings[6]
     grow_predicted, decoder_bias, training, period_max = settings[7] > 0, settings[8] > 0, settings[9] > 0, settings[10]
-    conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor = (
-        rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8])
+    conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor, code_rate = (
+        rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8], rates[9])
     g_len = n_len * s_len
     active_cols = np.zeros((b_len, c_len), dtype=np.bool_)
     bursting = np.zeros((b_len, c_len), dtype=np.bool_)
@@ -236,6 +236,7 @@ def chunk(scores, x, reset, noise,
     pot_buf = np.empty(g_len, dtype=np.float32)
     known = np.zeros(b_len, dtype=np.bool_)
     scaled = np.empty(d_len, dtype=np.float32)
+    code_error = np.empty((b_len, d_len), dtype=np.float32)
     index = reverse_index(perm, presyn, last_learned, n_len, INDEX_SLACK)
 
     for t in range(t_len):
@@ -283,7 +284,7 @@ def chunk(scores, x, reset, noise,
         for b in range(b_len):
             hits = 0
             for n in range(n_len):
-                prev_active[b, n] = cells[b, n] > 0
+                prev_active[b, n] = cells[b, n] > 0 or winners[b, n] > 0  # fired or won at t-1
                 new_cells[b, n] = 0.0
                 new_winners[b, n] = False
             for c in range(c_len):
@@ -432,6 +433,21 @@ def chunk(scores, x, reset, noise,
             for c in np.flatnonzero(predicted_columns[b] > 0):
                 for d in range(d_len):
                     dec_wt[c, d] += scaled[d] * predicted_columns[b, c]
+
+        # ... and the current input from the active columns (decoder_code_rate), every stream's
+        # error taken before any stream's update, as the batched rule does.
+        if code_rate > 0:
+            for b in range(b_len):
+                rate = code_rate / np.float32(k_select + 1)
+                for d in range(d_len):
+                    value = dec_b[d]
+                    for c in np.flatnonzero(active_cols[b]):
+                        value += dec_wt[c, d]
+                    code_error[b, d] = (x[b, t, d] - value) * rate / np.float32(b_len)
+            for b in range(b_len):
+                for c in np.flatnonzero(active_cols[b]):
+                    for d in range(d_len):
+                        dec_wt[c, d] += code_error[b, d]
 
         # Prediction of t+1 from the cells of t (TemporalMemory.predict), into the state.
         for b in range(b_len):

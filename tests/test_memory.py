@@ -315,3 +315,49 @@ def test_soft_kwta_sends_gradient_to_losing_columns_with_the_same_forward_values
         reached.append(bool(grad[losers].abs().sum() > 0))
     assert torch.equal(cells[0], cells[1])  # the forward pass is the same binary activity
     assert reached == [False, True]  # only the soft gate lets a losing column learn to win
+
+
+def test_a_winner_that_did_not_fire_counts_as_presynaptic_activity():
+    # A diverted context: at t-1 columns 2, 3 fired their old cells 0 (8, 12) and learned on new
+    # winners, cells 1 (9, 13). Cell 1 of column 4 (17) grew a segment onto those winners in an
+    # earlier pass (below the connection threshold); now column 4 is novel again and 17 is its
+    # matched winner. Its synapses onto 9 and 13 are reinforced: the winners carry the context.
+    layer = layer_with_an_old_context()
+    seg = layer.segments
+    with torch.no_grad():
+        seg.presynaptic[17 * 2, :2] = torch.tensor([9, 13])
+        seg.permanence[17 * 2, :2] = 0.45
+        seg.last_learned[17 * 2] = 0
+    prev = layer.initial_state(1)
+    prev["cells"][0, [8, 12]] = 1.0
+    prev["winners"][0, [9, 13]] = 1.0
+    prev["potential_overlap"][0, 17, 0] = 2.0  # against the winners (a known context)
+    columns = torch.zeros(1, 8, dtype=torch.bool)
+    columns[0, 4] = True
+    cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
+    cells[0, 16], winners[0, 17] = 1.0, True
+    step = LayerStep(
+        x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=torch.zeros_like(columns), novel=columns,
+        cells=cells, winners=winners, matched=columns, anomaly=torch.zeros(1),
+    )
+    build("local", new_synapses=2, fused=False).update(layer, step)
+    assert seg.permanence[17 * 2, :2].tolist() == pytest.approx([0.57, 0.57])  # +0.12, not -0.02
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("code_rate", [0.0, 0.5])
+def test_the_decoder_learns_the_input_of_the_active_columns(fused, code_rate):
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, [SMALL])
+    x = stream([0, 1, 2, 3, 4], 2)
+    rule = build("local", new_synapses=6, decoder_code_rate=code_rate, fused=fused)
+    out, _ = stack(x, stack.initial_state(1), reset=starts(10, 5), learning=rule)
+    assert out.anomaly.min() == 1.0  # each transition seen twice: nothing predicted yet
+    layer = stack.layers[0]
+    with torch.no_grad():
+        columns = layer.kwinners.winners(layer.feedforward(x[0, :5])).float()  # (5 symbols, C)
+        error = float((layer.decoder(columns) - x[0, :5]).norm() / x[0, :5].norm())
+    if code_rate:
+        assert error < 0.4  # each symbol's columns already decode to it
+    else:
+        assert error == pytest.approx(1.0)  # nothing was predicted, nothing decodes
