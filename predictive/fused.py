@@ -437,13 +437,14 @@ def chunk(scores, x, reset, noise,
         # ... and the current input from the active columns (decoder_code_rate), every stream's
         # error taken before any stream's update, as the batched rule does.
         if code_rate > 0:
+            rate = code_rate / np.float32(k_select + 1)
             for b in range(b_len):
-                rate = code_rate / np.float32(k_select + 1)
+                code_error[b] = dec_b
+                for c in np.flatnonzero(active_cols[b]):
+                    for d in range(d_len):
+                        code_error[b, d] += dec_wt[c, d]
                 for d in range(d_len):
-                    value = dec_b[d]
-                    for c in np.flatnonzero(active_cols[b]):
-                        value += dec_wt[c, d]
-                    code_error[b, d] = (x[b, t, d] - value) * rate / np.float32(b_len)
+                    code_error[b, d] = (x[b, t, d] - code_error[b, d]) * rate / np.float32(b_len)
             for b in range(b_len):
                 for c in np.flatnonzero(active_cols[b]):
                     for d in range(d_len):
