@@ -25,8 +25,8 @@ STATE = ("cells", "winners", "columns", "predicted", "active_overlap", "potentia
 
 
 def supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
-    """Can `run_layer` stand in for the torch steps? CPU, float32, no gradient wanted, and
-    none of the settings it does not implement (first-order fallback, feedforward learning)."""
+    """Can `run_layer` stand in for the torch steps? CPU, float32, and none of the settings it
+    does not implement (first-order fallback, feedforward learning)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
