@@ -19,7 +19,7 @@ import torch
 
 from predictive.memory import TemporalMemory
 
-INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk
+INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk (doubled when full)
 STATE = ("cells", "winners", "columns", "predicted", "active_overlap", "potential_overlap", "context_predicted",
          "diverted", "predicted_columns", "prediction", "anomaly")
 
@@ -237,7 +237,8 @@ def chunk(scores, x, reset, noise,
     known = np.zeros(b_len, dtype=np.bool_)
     scaled = np.empty(d_len, dtype=np.float32)
     code_error = np.empty((b_len, d_len), dtype=np.float32)
-    index = reverse_index(perm, presyn, last_learned, n_len, INDEX_SLACK)
+    slack = INDEX_SLACK
+    index = reverse_index(perm, presyn, last_learned, n_len, slack)
 
     for t in range(t_len):
         for b in range(b_len):
@@ -260,10 +261,16 @@ def chunk(scores, x, reset, noise,
         for b in range(b_len):
             for c in range(c_len):
                 boosted[c] = scores[b, t, c] * boost_values[c]
-                active_cols[b, c] = False
-            order = np.argsort(-boosted, kind="mergesort")
-            for i in range(k_select):
-                active_cols[b, order[i]] = True
+            # The k largest: every score above the k-th, then ties at it by lowest index.
+            kth = np.partition(boosted, c_len - k_select)[c_len - k_select]
+            taken = 0
+            for c in range(c_len):
+                active_cols[b, c] = boosted[c] > kth
+                taken += active_cols[b, c]
+            for c in range(c_len):
+                if taken < k_select and boosted[c] == kth:
+                    active_cols[b, c] = True
+                    taken += 1
         if training:
             counters[1] += b_len
             period = min(counters[1], period_max)
@@ -415,8 +422,9 @@ def chunk(scores, x, reset, noise,
                 fits = grow(rows, row_missing, count, sample, sample_valid, perm, presyn, initial, index)
             for i in range(count):
                 last_learned[rows[i, 1]] = counters[0]
-            if not fits:  # a cell's list in the reverse index was full
-                index = reverse_index(perm, presyn, last_learned, n_len, 2 * INDEX_SLACK)
+            if not fits:  # a cell's list in the reverse index was full: rebuild it with more room
+                slack *= 2
+                index = reverse_index(perm, presyn, last_learned, n_len, slack)
 
         # Decoder: normalized delta rule on the prediction made at t-1 (learn_decoder), on the
         # weights of the columns that were predicted alone.

@@ -210,10 +210,13 @@ class BucketHead(nn.Module):
         q = soft_targets(bucket, self.weight.shape[1], self.sigma)
         norm = features.pow(2).sum(-1).clamp(min=1e-6)  # (B, n): |f|^2, the number of active units
         for t in range(features.shape[1]):
-            f = features[:, t]
-            p = (f @ self.weight + self.bias).softmax(-1)
+            # The features are sparse (the active cells and columns): only their rows of the
+            # weights are read and changed, not all of them.
+            used = features[:, t].any(0).nonzero().squeeze(1)
+            f = features[:, t].index_select(1, used)
+            p = torch.addmm(self.bias, f, self.weight.index_select(0, used)).softmax(-1)
             step = (self.rate / features.shape[0]) * (q[:, t] - p) / norm[:, t, None]
-            self.weight.addmm_(f.t(), step)
+            self.weight.index_add_(0, used, f.t() @ step)
             self.value_sum.index_add_(0, bucket[:, t].flatten(), target[:, t].double().flatten())
             self.value_count.index_add_(0, bucket[:, t].flatten(), torch.ones_like(target[:, t], dtype=torch.float64))
 
