@@ -427,7 +427,7 @@ def chunk(scores, x, reset, noise,
                 index = reverse_index(perm, presyn, last_learned, n_len, slack)
 
         # Decoder: normalized delta rule on the prediction made at t-1 (learn_decoder), on the
-        # weights of the columns that were predicted alone.
+        # predicted columns' weights only.
         for b in range(b_len):
             total = np.float32(0.0)
             for c in range(c_len):
