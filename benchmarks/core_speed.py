@@ -145,7 +145,6 @@ def main():
         args.columns, args.cells = args.memory_columns, args.memory_cells
         return memory_child(args, mode, int(steps))
 
-    torch.set_num_threads(args.threads)
     stacks = {mode: make_stack(args, mode, args.device) for mode in MODES}
     synapses = stacks["local"][0].layers[0].segments.permanence.numel()
     lstm = LSTMModel(args.input_size, hidden_size=1024).to(args.device)

@@ -132,6 +132,16 @@ def overlaps(activity, perm, index, conn, connected_out, potential_out):
 
 
 @numba.njit(cache=True)
+def decode(columns, dec_b, dec_wt, out):
+    """TemporalMemory.decode of one stream's column activity (C,) into `out` (D,): the bias plus
+    each active column's weights (`dec_wt`, C x D) times its activity."""
+    out[:] = dec_b
+    for c in np.flatnonzero(columns):
+        for d in range(out.shape[0]):
+            out[d] += np.float32(columns[c]) * dec_wt[c, d]
+
+
+@numba.njit(cache=True)
 def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active):
     """PredictiveHebbian.adapt on `count` rows (stream, segment): every delta is computed from
     the permanences before any is added (as the vectorized rule does), then rows are clamped."""
@@ -235,6 +245,7 @@ def chunk(scores, x, reset, noise,
     conn_buf = np.empty(g_len, dtype=np.float32)
     pot_buf = np.empty(g_len, dtype=np.float32)
     known = np.zeros(b_len, dtype=np.bool_)
+    had_winners = np.zeros(b_len, dtype=np.bool_)  # a stream had winners at t-1
     scaled = np.empty(d_len, dtype=np.float32)
     code_error = np.empty((b_len, d_len), dtype=np.float32)
     slack = INDEX_SLACK
@@ -343,16 +354,16 @@ def chunk(scores, x, reset, noise,
             for n in range(n_len):
                 learn |= prev_active[b, n]
         if learn:
-            any_prev_winner = False
             count = 0
             for b in range(b_len):
+                had_winners[b] = False
                 for n in range(n_len):
                     best = 0
                     for s in range(1, s_len):
                         if potential_overlap[b, n, s] > potential_overlap[b, n, best]:
                             best = s
                     best_segment[b, n] = best
-                    any_prev_winner |= winners[b, n] > 0
+                    had_winners[b] |= winners[b, n] > 0
             # Reinforced: segments that predicted a winner of a column that is not novel, and
             # the best matching segment of a novel column's matched winner.
             for b in range(b_len):
@@ -393,10 +404,7 @@ def chunk(scores, x, reset, noise,
                 row_missing[i] = max(new_synapses - int(potential_overlap[b, n, s]), 0) if grows else 0
             count = reinforced
             for b in range(b_len):
-                has_prev_winner = False
-                for n in range(n_len):
-                    has_prev_winner |= winners[b, n] > 0
-                if not has_prev_winner:
+                if not had_winners[b]:
                     continue
                 for n in range(n_len):
                     c = n // m
@@ -411,7 +419,7 @@ def chunk(scores, x, reset, noise,
             for i in range(reinforced, count):
                 perm[rows[i, 1]] = 0.0
             fits = True
-            if count > 0 and any_prev_winner:
+            if count > 0 and had_winners.any():
                 # A random sample of `new_synapses` winners of t-1 per stream, highest score first.
                 for b in range(b_len):
                     candidates = np.flatnonzero((winners[b] > 0) & (noise[t, 1, b] > 0))
@@ -447,10 +455,7 @@ def chunk(scores, x, reset, noise,
         if code_rate > 0:
             rate = code_rate / np.float32(k_select + 1)
             for b in range(b_len):
-                code_error[b] = dec_b
-                for c in np.flatnonzero(active_cols[b]):
-                    for d in range(d_len):
-                        code_error[b, d] += dec_wt[c, d]
+                decode(active_cols[b], dec_b, dec_wt, code_error[b])
                 for d in range(d_len):
                     code_error[b, d] = (x[b, t, d] - code_error[b, d]) * rate / np.float32(b_len)
             for b in range(b_len):
@@ -493,11 +498,6 @@ def chunk(scores, x, reset, noise,
                 for i in range(m):
                     top = max(top, predicted[b, c * m + i])
                 predicted_columns[b, c] = top
-            for d in range(d_len):
-                prediction[b, d] = dec_b[d]
-            for c in np.flatnonzero(predicted_columns[b] > 0):
-                for d in range(d_len):
-                    prediction[b, d] += predicted_columns[b, c] * dec_wt[c, d]
-            for d in range(d_len):
-                prediction_out[b, t, d] = prediction[b, d]
+            decode(predicted_columns[b], dec_b, dec_wt, prediction[b])
+            prediction_out[b, t] = prediction[b]
             anomaly[b] = anomaly_out[b, t]

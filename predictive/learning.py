@@ -207,25 +207,24 @@ class PredictiveHebbian:
         perm[rows, cols] = self.initial_permanence
 
     def learn_decoder(self, layer: TemporalMemory, step: LayerStep) -> None:
-        predicted_columns = step.prev["predicted_columns"]  # (B, C) made at t-1
-        error = step.x - step.prev["prediction"]  # (B, D)
-        rate = self.decoder_rate / (predicted_columns.sum(-1, keepdim=True) + 1.0)
-        scaled = error * rate / step.x.shape[0]
+        prev = step.prev
+        scaled = self.delta_rule(layer, prev["predicted_columns"], step.x - prev["prediction"], self.decoder_rate)
         if self.decoder_bias:
             layer.decoder.bias.data += scaled.sum(0)
-        # Only the weights of columns predicted in some stream change: a few of C.
-        used = predicted_columns.any(0).nonzero().squeeze(1)
-        if used.numel():
-            delta = scaled.t() @ predicted_columns.index_select(1, used)  # (D, used)
-            layer.decoder.weight.data.index_add_(1, used, delta)
         if self.decoder_code_rate > 0:  # the current input from the active columns
             columns = step.columns.to(step.x.dtype)  # (B, C)
-            used = columns.any(0).nonzero().squeeze(1)
-            weight = layer.decoder.weight.data
-            active = columns.index_select(1, used)
-            decoded = torch.addmm(layer.decoder.bias, active, weight.index_select(1, used).t())
-            rate = self.decoder_code_rate / (columns.sum(-1, keepdim=True) + 1.0)
-            weight.index_add_(1, used, ((step.x - decoded) * rate / step.x.shape[0]).t() @ active)
+            self.delta_rule(layer, columns, step.x - layer.decode(columns), self.decoder_code_rate)
+
+    @staticmethod
+    def delta_rule(layer: TemporalMemory, columns: torch.Tensor, error: torch.Tensor, rate: float) -> torch.Tensor:
+        """Add each stream's `error` (B, D), scaled by rate / (its active columns + 1) and
+        averaged over the streams, to the decoder weights of its `columns` (B, C). Only the
+        weights of columns active in some stream change: a few of C. Returns the scaled error."""
+        scaled = error * (rate / (columns.sum(-1, keepdim=True) + 1.0)) / error.shape[0]
+        used = columns.any(0).nonzero().squeeze(1)
+        if used.numel():
+            layer.decoder.weight.data.index_add_(1, used, scaled.t() @ columns.index_select(1, used))
+        return scaled
 
     def learn_feedforward(self, layer: TemporalMemory, step: LayerStep) -> None:
         weight = layer.feedforward.parametrizations.weight.original.data  # (C, D)
