@@ -199,6 +199,12 @@ def test_bad_learning_settings_are_rejected():
         build("local", decoder_bias=1)
     with pytest.raises(ValueError, match="grow_segments must be true or false"):
         build("hybrid", grow_segments="yes")
+    with pytest.raises(ValueError, match=r"decoder_code_rate must be in \[0, 1\], got 2"):
+        build("local", decoder_code_rate=2)
+    with pytest.raises(ValueError, match="fused must be true or false"):
+        build("local", fused="auto")
+    with pytest.raises(ValueError, match="fused must be false for learning=hybrid"):
+        build("hybrid", fused=True)
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
 
