@@ -60,7 +60,8 @@ class PredictiveModule(L.LightningModule):
         check_finite(x, "encoded input")
         reset = self.task.reset_mask(batch)
         out, state = self.model(x, state, reset=reset, learning=self.rule if learn else None)
-        head_out = self.head(self.rule.head_features(getattr(out, self.task.features)))
+        features = self.rule.head_features(getattr(out, self.task.features))
+        head_out = self.head(features, **self.task.head_inputs(x, batch))
         self.time_steps += x.shape[0] * x.shape[1] if learn else 0
         return head_out, out, state
 

@@ -9,7 +9,7 @@ How the module uses a task, per training batch (a dict of tensors):
 
     x = task.encoder(batch)                              # (B, T, D)
     out, state = model(x, state, reset=task.reset_mask(batch), learning=rule)
-    head_out = head(rule.head_features(getattr(out, task.features)))
+    head_out = head(rule.head_features(getattr(out, task.features)), **task.head_inputs(x, batch))
     loss = task.loss(head_out, batch) + rule.local_loss_weight * out.local_loss
     task.update_metrics("train", head_out, batch, out)   # prequential: predicted before learning
 
@@ -68,6 +68,11 @@ class Task(ABC):
     def build_head(self, feature_size: int) -> nn.Module:
         """A fresh head: features (B, T, feature_size) -> the task's output (any shape the
         task's `loss` and `update_metrics` understand). Called once by the module."""
+
+    def head_inputs(self, x: torch.Tensor, batch: dict) -> dict:
+        """Keyword arguments for the head beyond the features, from the encoded input x
+        (B, T, D) and the batch (e.g. which frames of a clip hold the word). None by default."""
+        return {}
 
     @abstractmethod
     def loss(self, head_out, batch: dict) -> torch.Tensor:

@@ -144,6 +144,49 @@ def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
     d = LogMel(n_mels=32, deltas=True)(audio)
     assert d.shape == (3, 51, 64)
     torch.testing.assert_close(d[:, 1, 32:], (x[:, 2] - x[:, 0]) / 2)
+    spliced = LogMel(n_mels=32, deltas=True, context_frames=2)
+    s = spliced(audio)
+    assert s.shape == (3, 51, 5 * 64) == (3, 51, spliced.output_size)
+    for i in range(5):  # frames t-2 .. t+2 side by side, zeros beyond the clip
+        block = s[:, :, i * 64 : (i + 1) * 64]
+        shifted = torch.nn.functional.pad(d, (0, 0, 2, 2))[:, i : i + 51]
+        torch.testing.assert_close(block, shifted)
+    torch.testing.assert_close(spliced.loudness(s), x.mean(-1))  # the frame itself, its mel bins
+    with pytest.raises(ValueError, match="task.context_frames"):
+        LogMel(context_frames=-1)
+
+
+def test_voiced_span_finds_the_loud_frames_and_widens_them():
+    from tasks.speech.features import voiced_span
+
+    loudness = torch.full((3, 40), -2.0)
+    loudness[0, 10:21] = 1.0
+    loudness[1, 3] = 1.0
+    loudness[1, 30] = 0.5  # louder than 30% of the range: inside
+    loudness[1, 35] = -1.5  # quieter: outside
+    loudness[2] = 0.0  # the same loudness throughout: the whole clip
+    span = voiced_span(loudness, threshold=0.3, margin=2)
+    assert span.tolist() == [[8, 23], [1, 33], [0, 40]]
+    assert voiced_span(loudness[:1], threshold=0.3, margin=20).tolist() == [[0, 40]]
+
+
+def test_head_pools_segments_of_the_span_whatever_its_onset():
+    """A word shifted in time, and pooled over its span, gives the same logits."""
+    from tasks.speech.head import SegmentPoolHead, segment_means
+
+    torch.manual_seed(0)
+    word = torch.randn(1, 13, 5)
+    early, late = torch.zeros(2, 1, 40, 5)
+    early[:, 2:15], late[:, 20:33] = word, word
+    head = SegmentPoolHead(5, 3, segments=4)
+    spans = torch.tensor([[2, 15]]), torch.tensor([[20, 33]])
+    torch.testing.assert_close(head(early, spans[0]), head(late, spans[1]))
+    assert not torch.allclose(head(early), head(late))  # pooled over the whole clip: not the same
+    # the segments: frames 2 + 13 i // 4 .. 2 + 13 (i + 1) // 4, each at least one frame
+    expected = torch.cat([early[:, a:b].mean(1) for a, b in ((2, 5), (5, 8), (8, 11), (11, 15))], 1)
+    torch.testing.assert_close(segment_means(early, spans[0], 4), expected)
+    short = segment_means(early, torch.tensor([[39, 40]]), 4)  # one frame for four segments
+    torch.testing.assert_close(short, early[:, 39].repeat(1, 4))
 
 
 # --- data sets and splits --------------------------------------------------------------------
@@ -384,6 +427,18 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     assert f"speech results in {(tmp_path / 'out').resolve()}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="task.dataset"):
         SpeechTask(dataset="timit", root=tmp_path / "d")
+    with pytest.raises(ValueError, match="task.voiced_threshold"):
+        SpeechTask(dataset="folder", root=tmp_path / "d", voiced_threshold=1.5)
+    voiced = SpeechTask(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, voiced_threshold=0.3,
+                        context_frames=1, output_dir=tmp_path / "out")
+    assert voiced.input_size == 60
+    x = voiced.encoder.eval()(batch)
+    span = voiced.head_inputs(x, batch)["span"]
+    # The 0.3 s tone sits in the middle of the 0.5 s clip: frames 9-41 of 51 (the windows that
+    # overlap it), widened by the one frame of spliced context either side.
+    clean = batch["noise_level"] == 0
+    assert clean.sum() == 4 and span[clean].tolist() == [[8, 43]] * 4
+    assert task.head_inputs(x, batch) == {}
 
 
 @pytest.mark.parametrize("preset", ["speech_fsdd", "speech_commands"])
@@ -403,5 +458,29 @@ def test_speech_presets_compose_with_either_model(preset):
     assert lstm.model._target_.endswith("LSTMModel")
     assert stack.task.cells_per_column == stack.model.cells and lstm.task.cells_per_column == 1
     for cfg in (stack, lstm):
-        width = cfg.task.n_mels * (2 if cfg.task.deltas else 1)
+        width = cfg.task.n_mels * (2 if cfg.task.deltas else 1) * (2 * cfg.task.context_frames + 1)
         assert instantiate(cfg.model, input_size=width).output_size > 0
+
+
+def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, monkeypatch):
+    """The harness hands the task's voiced span to the head, in training and in test."""
+    from test_harness import config
+
+    import train
+    from tasks.speech.head import SegmentPoolHead
+
+    for cls, freq in (("low", 300), ("high", 2000)):
+        for n in range(40):
+            write_wav(tmp_path / "d" / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
+    spans = []
+    pool = SegmentPoolHead.forward
+    record = lambda self, f, span=None: spans.append(span) or pool(self, f, span)  # noqa: E731
+    monkeypatch.setattr(SegmentPoolHead, "forward", record)
+    summary = train.train(config(
+        tmp_path / "out", "task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
+        "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=2",
+        "task.voiced_threshold=0.3", "task.noise_levels=[0.0]", "learning=local", "model.columns=256",
+        "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01", "logger=none", base=(),
+    ))
+    assert spans and all(s is not None and s.shape[1] == 2 for s in spans)
+    assert summary["test_accuracy"] == 1.0  # two tones: no excuse

@@ -58,6 +58,11 @@ class LogMel(nn.Module):
     bins), so loud and quiet clips give frames on the same scale; "channel" does it per mel bin
     (cepstral mean/variance normalisation); "none" leaves log power as is. deltas=True appends
     the time derivative of each bin (central difference), doubling the width.
+
+    context_frames=c splices each frame with its c neighbours on either side (zeros beyond the
+    clip), frames t-c .. t+c side by side: a model that reads one frame per step then sees
+    +-c x hop of the sound at once, as a time-convolution would (FSDD, c=4 or +-40 ms: local
+    0.953 -> 0.973 test in a scratch run of the same model, docs/results.md "Speech").
     """
 
     def __init__(
@@ -73,15 +78,20 @@ class LogMel(nn.Module):
         log_floor=1e-6,
         normalize="utterance",
         deltas=False,
+        context_frames=0,
     ):
         super().__init__()
+        if context_frames < 0:
+            raise ValueError(f"task.context_frames must be >= 0, got {context_frames}")
         if normalize not in ("utterance", "channel", "none"):
             raise ValueError(f"task.normalize must be utterance|channel|none, got {normalize!r}")
         if win_length > n_fft:
             raise ValueError(f"task.win_length ({win_length}) must not exceed task.n_fft ({n_fft})")
         self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
         self.log_floor, self.normalize, self.deltas = log_floor, normalize, deltas
-        self.output_size = n_mels * (2 if deltas else 1)
+        self.n_mels, self.context_frames = n_mels, context_frames
+        self.frame_size = n_mels * (2 if deltas else 1)
+        self.output_size = self.frame_size * (2 * context_frames + 1)
         # Buffers follow the module to the model's device; not persistent because they are
         # rebuilt from the config, which keeps checkpoints small and free of derived data.
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
@@ -113,4 +123,31 @@ class LogMel(nn.Module):
             x = (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-5)
         if self.deltas:
             x = torch.cat([x, torch.gradient(x, dim=1)[0]], dim=2)
+        c, t = self.context_frames, x.shape[1]
+        if c:
+            padded = nn.functional.pad(x, (0, 0, c, c))
+            x = torch.cat([padded[:, i : i + t] for i in range(2 * c + 1)], dim=2)
         return x
+
+    def loudness(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, output_size) frames from `forward` -> (B, T): each frame's mean log-mel."""
+        start = self.context_frames * self.frame_size  # the frame itself, not its neighbours
+        return frames[..., start : start + self.n_mels].mean(-1)
+
+
+def voiced_span(loudness: torch.Tensor, threshold: float, margin: int = 0) -> torch.Tensor:
+    """(B, T) loudness -> (B, 2) frames [start, end) from the first to the last frame louder
+    than min + threshold x (max - min) of its clip, widened by `margin` frames each side.
+
+    Where the word lies in a clip varies by hundreds of ms (recording, the time-shift
+    augmentation); pooling over this span instead of the whole clip lines the word's parts up
+    from clip to clip. A clip of equal loudness throughout spans all of it."""
+    b, t = loudness.shape
+    low, high = loudness.aminmax(dim=1, keepdim=True)
+    loud = loudness > low + threshold * (high - low)
+    frame = torch.arange(t, device=loudness.device).expand(b, t)
+    start = torch.where(loud, frame, t).amin(1)
+    end = torch.where(loud, frame + 1, 0).amax(1)
+    quiet = ~loud.any(1)
+    start, end = start.masked_fill(quiet, 0), end.masked_fill(quiet, t)
+    return torch.stack([(start - margin).clamp(min=0), (end + margin).clamp(max=t)], 1)

@@ -16,7 +16,7 @@ from . import datasets as ds
 from .audio import read_wav, resample
 from .augment import Augment
 from .data import SpeechData
-from .features import LogMel
+from .features import LogMel, voiced_span
 from .head import SegmentPoolHead
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class SpeechTask(Task):
         mel_scale="slaney",
         normalize="utterance",
         deltas=False,
+        context_frames=0,
         augment=None,
         segments=4,
+        voiced_threshold=None,
         head_dropout=0.0,
         head_average=0.0,
         cells_per_column=1,
@@ -113,6 +115,7 @@ class SpeechTask(Task):
             mel_scale,
             normalize=normalize,
             deltas=deltas,
+            context_frames=context_frames,
         )
         self.encoder = SpeechEncoder(
             Augment(sample_rate, noise=self._background(sample_rate), **(augment or {})), logmel
@@ -120,6 +123,9 @@ class SpeechTask(Task):
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
         self.cells_per_column = cells_per_column
+        if voiced_threshold is not None and not 0.0 <= voiced_threshold < 1.0:
+            raise ValueError(f"task.voiced_threshold must be in [0, 1) or null, got {voiced_threshold}")
+        self.voiced_threshold = voiced_threshold
         self.noise_levels = list(noise_levels)
         self.output_dir = output_dir
         n = len(self.classes)
@@ -153,6 +159,14 @@ class SpeechTask(Task):
         return SegmentPoolHead(
             feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column, self.head_average
         )
+
+    def head_inputs(self, x, batch):
+        """The head pools over the frames that hold the word (task.voiced_threshold), widened
+        by the spliced context: frames that far from the word still carry part of it."""
+        if self.voiced_threshold is None:
+            return {}
+        logmel = self.encoder.logmel
+        return {"span": voiced_span(logmel.loudness(x), self.voiced_threshold, logmel.context_frames)}
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
