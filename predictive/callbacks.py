@@ -57,7 +57,10 @@ class StreamCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
         if self.save_last and final:  # at worst once more than the periodic save at that step
-            trainer.save_checkpoint(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST))
+            # Lightning's own save of "last" (after validation) then overwrites this file
+            # instead of writing a second one beside it (last-v1.ckpt).
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(self.last_model_path)
 
 
 class RunSummary(L.Callback):

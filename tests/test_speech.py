@@ -484,3 +484,4 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
     ))
     assert spans and all(s is not None and s.shape[1] == 2 for s in spans)
     assert summary["test_accuracy"] == 1.0  # two tones: no excuse
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["last.ckpt"]  # one, not last-v1 too
