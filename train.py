@@ -69,9 +69,16 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     summary = train(cfg)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        shown = {k: v for k, v in summary.items() if isinstance(v, float) and "/" not in k}
         print(f"\nresults in {cfg.paths.output_dir}: summary.json, checkpoints/last.ckpt, plots (*.png)")
-        print("  " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        print("  " + headline(summary))
+
+
+def headline(summary: dict) -> str:
+    """The summary's figures on one line: the task's and the timings (counts such as
+    elements_to_95 are ints; the seed, bools and logged metrics with a "/" are left out)."""
+    shown = {k: v for k, v in summary.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" not in k and k != "seed"}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
 if __name__ == "__main__":

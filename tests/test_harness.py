@@ -115,6 +115,12 @@ def test_local_run(local_run):
     assert ckpt["stream_state"] is not None
 
 
+def test_the_printed_headline_has_the_task_figures_and_counts():
+    summary = {"seed": 0, "final_accuracy": 0.99947, "elements_to_95": 1031, "recovery_elements": None,
+               "train/loss": 0.5, "fused": True, "us_per_element": 196.13}
+    assert train.headline(summary) == "final_accuracy=0.9995, elements_to_95=1031, us_per_element=196.1"
+
+
 def test_last_checkpoint_is_the_final_state_between_periodic_saves(tmp_path):
     train.train(config(tmp_path, "learning=local", "trainer.max_steps=3", "checkpoint.every_n_train_steps=2"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
