@@ -142,6 +142,15 @@ def decode(columns, dec_b, dec_wt, out):
 
 
 @numba.njit(cache=True)
+def add_delta(columns, scaled, dec_wt):
+    """The weight step of PredictiveHebbian.delta_rule for one stream: each active column's
+    decoder weights (`dec_wt`, C x D) move by the scaled error (D,) times its activity (C,)."""
+    for c in np.flatnonzero(columns):
+        for d in range(scaled.shape[0]):
+            dec_wt[c, d] += scaled[d] * np.float32(columns[c])
+
+
+@numba.njit(cache=True)
 def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active):
     """PredictiveHebbian.adapt on `count` rows (stream, segment): every delta is computed from
     the permanences before any is added (as the vectorized rule does), then rows are clamped."""
@@ -446,9 +455,7 @@ def chunk(scores, x, reset, noise,
             if decoder_bias:
                 for d in range(d_len):
                     dec_b[d] += scaled[d]
-            for c in np.flatnonzero(predicted_columns[b] > 0):
-                for d in range(d_len):
-                    dec_wt[c, d] += scaled[d] * predicted_columns[b, c]
+            add_delta(predicted_columns[b], scaled, dec_wt)
 
         # ... and the current input from the active columns (decoder_code_rate), every stream's
         # error taken before any stream's update, as the batched rule does.
@@ -459,9 +466,7 @@ def chunk(scores, x, reset, noise,
                 for d in range(d_len):
                     code_error[b, d] = (x[b, t, d] - code_error[b, d]) * rate / np.float32(b_len)
             for b in range(b_len):
-                for c in np.flatnonzero(active_cols[b]):
-                    for d in range(d_len):
-                        dec_wt[c, d] += code_error[b, d]
+                add_delta(active_cols[b], code_error[b], dec_wt)
 
         # Prediction of t+1 from the cells of t (TemporalMemory.predict), into the state.
         for b in range(b_len):
