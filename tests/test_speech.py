@@ -41,6 +41,13 @@ def tone(freq, seconds, rate, amp=0.5):
 # --- audio loading -------------------------------------------------------------------------
 
 
+def two_tones(root, speakers=40):
+    """A folder data set: classes "low" (300 Hz) and "high" (2 kHz), 0.3 s tones at 8 kHz."""
+    for cls, freq in (("low", 300), ("high", 2000)):
+        for n in range(speakers):
+            write_wav(root / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
+
+
 def test_stereo_is_mixed_down_and_8k_is_resampled_to_16k(tmp_path):
     left, right = tone(440, 0.5, 8000), tone(440, 0.5, 8000, amp=0.1)
     path = write_wav(tmp_path / "s.wav", np.stack([left, right], 1), 8000)
@@ -386,9 +393,7 @@ def test_noise_sweep_levels_and_fixed_noise():
 def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     from tasks.speech.task import SpeechTask
 
-    for cls, freq in (("low", 300), ("high", 2000)):
-        for n in range(40):
-            write_wav(tmp_path / "d" / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
+    two_tones(tmp_path / "d")
     task = SpeechTask(
         dataset="folder",
         root=tmp_path / "d",
@@ -469,9 +474,7 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
     import train
     from tasks.speech.head import SegmentPoolHead
 
-    for cls, freq in (("low", 300), ("high", 2000)):
-        for n in range(40):
-            write_wav(tmp_path / "d" / cls / f"spk{n}_nohash_0.wav", tone(freq, 0.3, 8000), 8000)
+    two_tones(tmp_path / "d")
     spans = []
     pool = SegmentPoolHead.forward
     record = lambda self, f, span=None: spans.append(span) or pool(self, f, span)  # noqa: E731
