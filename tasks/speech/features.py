@@ -82,8 +82,8 @@ class LogMel(nn.Module):
         context_frames=0,
     ):
         super().__init__()
-        if context_frames < 0:
-            raise ValueError(f"task.context_frames must be >= 0, got {context_frames}")
+        if not isinstance(context_frames, int) or context_frames < 0:
+            raise ValueError(f"task.context_frames must be an integer >= 0, got {context_frames!r}")
         if normalize not in ("utterance", "channel", "none"):
             raise ValueError(f"task.normalize must be utterance|channel|none, got {normalize!r}")
         if win_length > n_fft:

@@ -123,8 +123,10 @@ class SpeechTask(Task):
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
         self.cells_per_column = cells_per_column
-        if voiced_threshold is not None and not 0.0 <= voiced_threshold < 1.0:
-            raise ValueError(f"task.voiced_threshold must be in [0, 1) or null, got {voiced_threshold}")
+        if voiced_threshold is not None and not (
+            isinstance(voiced_threshold, (int, float)) and 0.0 <= voiced_threshold < 1.0
+        ):
+            raise ValueError(f"task.voiced_threshold must be in [0, 1) or null, got {voiced_threshold!r}")
         self.voiced_threshold = voiced_threshold
         self.noise_levels = list(noise_levels)
         self.output_dir = output_dir
