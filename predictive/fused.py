@@ -21,7 +21,7 @@ from predictive.memory import TemporalMemory
 
 INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk (doubled when full)
 STATE = ("cells", "winners", "columns", "predicted", "active_overlap", "potential_overlap", "context_predicted",
-         "diverted", "predicted_columns", "prediction", "anomaly")
+         "diverted", "matching_columns", "predicted_columns", "prediction", "anomaly")
 
 
 def supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
@@ -223,7 +223,7 @@ def grow(rows, missing, count, sample, sample_valid, perm, presyn, initial, inde
 @numba.njit(cache=True)
 def chunk(scores, x, reset, noise,
           cells, winners, columns, predicted, active_overlap, potential_overlap, context_predicted,
-          diverted, predicted_columns, prediction, anomaly,
+          diverted, matching_columns, predicted_columns, prediction, anomaly,
           cells_out, predicted_out, prediction_out, anomaly_out,
           perm, presyn, last_learned, dec_wt, dec_b, duty, boost, counters, settings, rates):
     b_len, t_len, c_len = scores.shape
@@ -254,6 +254,7 @@ def chunk(scores, x, reset, noise,
     conn_buf = np.empty(g_len, dtype=np.float32)
     pot_buf = np.empty(g_len, dtype=np.float32)
     known = np.zeros(b_len, dtype=np.bool_)
+    recall = np.zeros(n_len, dtype=np.bool_)  # cells the winners of a known context predict or match
     had_winners = np.zeros(b_len, dtype=np.bool_)  # a stream had winners at t-1
     scaled = np.empty(d_len, dtype=np.float32)
     code_error = np.empty((b_len, d_len), dtype=np.float32)
@@ -271,6 +272,7 @@ def chunk(scores, x, reset, noise,
                 potential_overlap[b] = 0.0
                 context_predicted[b] = 0.0
                 diverted[b] = 0.0
+                matching_columns[b] = 0.0
                 predicted_columns[b] = 0.0
                 prediction[b] = 0.0
                 anomaly[b] = 0.0
@@ -476,32 +478,44 @@ def chunk(scores, x, reset, noise,
                 cells_out[b, t, n] = new_cells[b, n]
             for c in range(c_len):
                 columns[b, c] = 1.0 if active_cols[b, c] else 0.0
-            known[b] = False
+            known[b] = False  # carried on as in TemporalMemory.predict ...
+            through_burst = False  # ... or through a burst alone
             for c in range(c_len):
                 known[b] |= matched[b, c] or (diverted[b] > 0 and novel[b, c] and not bursting[b, c])
+                through_burst |= bursting[b, c] and matching_columns[b, c] > 0 and diverted[b] == 1
+            through_burst &= not known[b]
+            known[b] |= through_burst
             overlaps(cells[b], perm, index, conn, conn_buf, pot_buf)
+            matching_columns[b] = 0.0
             for n in range(n_len):
                 top = np.float32(0.0)
                 for s in range(s_len):
                     active_overlap[b, n, s] = conn_buf[n * s_len + s]
                     potential_overlap[b, n, s] = pot_buf[n * s_len + s]
                     top = max(top, conn_buf[n * s_len + s])
+                    if pot_buf[n * s_len + s] >= match_thr:
+                        matching_columns[b, n // m] = 1.0
                 predicted[b, n] = 1.0 if top >= act_thr else 0.0
                 context_predicted[b, n] = predicted[b, n]
                 predicted_out[b, t, n] = predicted[b, n]
+            recalled = False
             if known[b]:
                 overlaps(winners[b], perm, index, conn, conn_buf, pot_buf)
                 for n in range(n_len):
                     top = np.float32(0.0)
+                    top_potential = np.float32(0.0)
                     for s in range(s_len):
                         potential_overlap[b, n, s] = pot_buf[n * s_len + s]
                         top = max(top, conn_buf[n * s_len + s])
+                        top_potential = max(top_potential, pot_buf[n * s_len + s])
                     context_predicted[b, n] = 1.0 if top >= act_thr else 0.0
-            diverted[b] = 1.0 if known[b] else 0.0
-            for c in range(c_len):
+                    recall[n] = top >= act_thr or top_potential >= match_thr
+                    recalled |= recall[n]
+            diverted[b] = 2.0 if through_burst else 1.0 if known[b] else 0.0
+            for c in range(c_len):  # a known context's recall stands in for the burst's union
                 top = np.float32(0.0)
                 for i in range(m):
-                    top = max(top, predicted[b, c * m + i])
+                    top = max(top, np.float32(recall[c * m + i]) if recalled else predicted[b, c * m + i])
                 predicted_columns[b, c] = top
             decode(predicted_columns[b], dec_b, dec_wt, prediction[b])
             prediction_out[b, t] = prediction[b]

@@ -137,7 +137,8 @@ class TemporalMemory(nn.Module):
             "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
             "potential_overlap": zeros(n, s),
             "context_predicted": zeros(n),  # cells the context alone predicts (see predict)
-            "diverted": zeros(),  # 1: this step's winners alone stand for its context (see predict)
+            "diverted": zeros(),  # 1: this step's winners alone stand for its context, 2: ... after a burst (predict)
+            "matching_columns": zeros(self.columns),  # columns with a segment matching "cells"
             "predicted_columns": zeros(self.columns),
             "prediction": zeros(self.input_size),  # decoded prediction of the coming input
             "anomaly": zeros(),
@@ -244,18 +245,34 @@ class TemporalMemory(nn.Module):
         # the burst column is predicted and the split reaches it one step per pass. The
         # context stays *diverted* while columns keep firing old cells but learn on new
         # winners: the new winners alone carry it on, so a split runs down a whole shared
-        # middle in one pass instead of one element per pass.
+        # middle in one pass instead of one element per pass. It also runs on through a
+        # column that bursts although one of its segments matched the cells of t-1
+        # (`matching_columns`: a transition seen before, not connected yet), but not through
+        # two such bursts in a row (with four endings per context that spread contexts over
+        # new cells); a burst that nothing matched (noise) ends it.
         predicted = self.soft_threshold(active.amax(-1))
         context = predicted.detach()
         diverted = step.prev["diverted"] > 0
-        known = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
+        carried = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
+        relearning = step.bursting & (step.prev["matching_columns"] > 0) & (step.prev["diverted"] == 1).unsqueeze(-1)
+        through_burst = diverted & ~carried & relearning.any(-1)
+        known = carried | through_burst
+        matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
+        predicted_columns = column_activity(predicted, self.cells_per_column)
         if known.any():
             with torch.no_grad():
                 winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
             by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
             context = torch.where(known.unsqueeze(-1), by_winners, context)
             potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
-        predicted_columns = column_activity(predicted, self.cells_per_column)
+            # A known context *recalls* what followed it: the decoded prediction is the columns
+            # its winners' segments match (connected or not) rather than the burst's union, so
+            # a context seen once is predicted right when it comes again, a pass before its
+            # links connect. Forward values only: the gradient is the union's.
+            matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
+            recall = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
+            recalled = (known & (recall > 0).any(-1)).unsqueeze(-1)
+            predicted_columns = torch.where(recalled, straight_through(recall, predicted_columns), predicted_columns)
         return {
             "cells": step.cells,
             "winners": step.winners.to(step.cells.dtype),
@@ -264,7 +281,8 @@ class TemporalMemory(nn.Module):
             "active_overlap": active.detach(),
             "potential_overlap": potential,
             "context_predicted": context,
-            "diverted": known.to(step.cells.dtype),
+            "diverted": known.to(step.cells.dtype) + through_burst.to(step.cells.dtype),
+            "matching_columns": matching_columns.to(step.cells.dtype),
             "predicted_columns": predicted_columns,
             "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),
