@@ -46,7 +46,8 @@ def train(cfg: DictConfig) -> dict:
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
     optimizer([torch.zeros(1, requires_grad=True)])  # let the optimizer check lr & co. now
-    module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val)
+    scheduler = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
     datamodule = task.datamodule()
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices

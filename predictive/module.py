@@ -33,15 +33,18 @@ class PredictiveModule(L.LightningModule):
         rule: a `predictive.learning.LearningRule`.
         optimizer: a factory `params -> torch.optim.Optimizer` (Hydra `_partial_`).
         gradient_clip_val: clip the global gradient norm to this (None: no clipping).
+        scheduler: None, or a factory `optimizer -> lr scheduler`, stepped once per epoch.
     """
 
-    def __init__(self, task, model: nn.Module, rule, optimizer, gradient_clip_val: float | None = None):
+    def __init__(
+        self, task, model: nn.Module, rule, optimizer, gradient_clip_val: float | None = None, scheduler=None
+    ):
         super().__init__()
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"learning.gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
         self.automatic_optimization = False
         rule.check(model)
-        self.task, self.rule, self.make_optimizer = task, rule, optimizer
+        self.task, self.rule, self.make_optimizer, self.make_scheduler = task, rule, optimizer, scheduler
         self.gradient_clip_val = gradient_clip_val
         self.encoder, self.model = task.encoder, model
         # "prediction" is the model's decoded next input, so it is as wide as the input.
@@ -52,7 +55,11 @@ class PredictiveModule(L.LightningModule):
         self._rng_to_restore = None
 
     def configure_optimizers(self):
-        return self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.make_scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def run(self, batch: dict, state, learn: bool):
         """encoder -> model -> head over one batch; returns (head_out, out, new state)."""
@@ -102,6 +109,10 @@ class PredictiveModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         self.log_task_metrics("train")
+        scheduler = self.lr_schedulers()  # manual optimization: Lightning leaves the stepping to us
+        if scheduler is not None:
+            self.log("train/lr", scheduler.get_last_lr()[0])
+            scheduler.step()
 
     def evaluate(self, stage: str, batch: dict):
         """Validation and test: independent batches from a fresh state; the model does not learn."""

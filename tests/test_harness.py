@@ -21,7 +21,7 @@ import train
 from predictive import report
 
 GROUPS = {g: sorted(p.stem for p in (ROOT / "configs" / g).glob("*.yaml")) for g in
-          ("task", "model", "learning", "trainer", "logger")}
+          ("task", "model", "learning", "trainer", "logger", "scheduler")}
 TIMING = ("steps_per_second", "time_steps_per_second", "train_seconds", "peak_memory_mb", "us_per_element")
 
 

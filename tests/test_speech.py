@@ -485,8 +485,14 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
         tmp_path / "out", "task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
         "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=2",
         "task.voiced_threshold=0.3", "task.noise_levels=[0.0]", "learning=local", "model.columns=256",
-        "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01", "logger=none", base=(),
+        "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01", "logger=none",
+        "scheduler=cosine", base=(),
     ))
     assert spans and all(s is not None and s.shape[1] == 2 for s in spans)
     assert summary["test_accuracy"] == 1.0  # two tones: no excuse
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["last.ckpt"]  # one, not last-v1 too
+    # The cosine schedule stepped once per epoch: 0.01 -> 0.005 -> 0, and its state is saved.
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    (schedule,) = ckpt["lr_schedulers"]
+    assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    assert summary["train/lr"] == pytest.approx(0.005)  # the last epoch's lr, logged before the step
