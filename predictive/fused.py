@@ -59,7 +59,7 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     settings = np.array([
         kw.k if kw.training else kw.k_inference, layer.k, layer.cells_per_column, seg.num_segments,
         layer.activation_threshold, layer.matching_threshold, hebbian.new_synapses, hebbian.grow_predicted,
-        hebbian.decoder_bias, kw.training, kw.duty_cycle_period,
+        hebbian.decoder_bias, kw.training, kw.duty_cycle_period, layer.recall,
     ], dtype=np.int64)
     rates = np.array([
         seg.connected_permanence, hebbian.permanence_increment, hebbian.permanence_decrement,
@@ -231,6 +231,7 @@ def chunk(scores, x, reset, noise,
     k_select, k, m, s_len = settings[0], settings[1], settings[2], settings[3]
     act_thr, match_thr, new_synapses = settings[4], settings[5], settings[6]
     grow_predicted, decoder_bias, training, period_max = settings[7] > 0, settings[8] > 0, settings[9] > 0, settings[10]
+    recall_on = settings[11] > 0
     conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor, code_rate = (
         rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8], rates[9])
     g_len = n_len * s_len
@@ -510,7 +511,7 @@ def chunk(scores, x, reset, noise,
                         top_potential = max(top_potential, pot_buf[n * s_len + s])
                     context_predicted[b, n] = 1.0 if top >= act_thr else 0.0
                     recall[n] = top >= act_thr or top_potential >= match_thr
-                    recalled |= recall[n]
+                    recalled |= recall[n] and recall_on
             diverted[b] = 2.0 if through_burst else 1.0 if known[b] else 0.0
             for c in range(c_len):  # a known context's recall stands in for the burst's union
                 top = np.float32(0.0)

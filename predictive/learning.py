@@ -258,11 +258,14 @@ class LearningRule:
     def check(self, model: torch.nn.Module) -> None:
         """Before any training: raise ValueError if the rule cannot train `model`, and give
         the layers that learn by gradient alone random initial synapses (an empty segment has
-        no gradient to grow from)."""
+        no gradient to grow from) and no recall (random synapses recall nothing,
+        `TemporalMemory.predict`)."""
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
-            if not self.is_local(i) and not self.grows_segments and not (layer.segments.last_learned >= 0).any():
-                layer.segments.randomize()
+            if not self.is_local(i) and not self.grows_segments:
+                layer.recall = False
+                if not (layer.segments.last_learned >= 0).any():
+                    layer.segments.randomize()
 
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()

@@ -70,6 +70,10 @@ class TemporalMemory(nn.Module):
         soft_kwta: 0: the k-WTA passes gradient to the winners' scores only; > 0: to every
             column's score, through a sigmoid of its distance to the k-WTA boundary with this
             temperature (in standard deviations of the scores). Forward values stay binary.
+        recall: a known context's decoded prediction is what its winners' segments match
+            (`predict`); False: the burst's union. Segments that only a gradient trains are
+            random and recall nothing, so the learning rule turns it off for them
+            (`LearningRule.check`).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class TemporalMemory(nn.Module):
         sharpness: float = 2.0,
         first_order_fallback: bool = False,
         soft_kwta: float = 0.0,
+        recall: bool = True,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -106,6 +111,7 @@ class TemporalMemory(nn.Module):
         if soft_kwta < 0:
             raise ValueError(f"soft_kwta must be >= 0, got {soft_kwta}")
         self.soft_kwta = soft_kwta
+        self.recall = recall
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -265,6 +271,7 @@ class TemporalMemory(nn.Module):
             by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
             context = torch.where(known.unsqueeze(-1), by_winners, context)
             potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
+        if self.recall and known.any():
             # A known context *recalls* what followed it: the decoded prediction is the columns
             # its winners' segments match (connected or not) rather than the burst's union, so
             # a context seen once is predicted right when it comes again, a pass before its

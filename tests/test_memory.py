@@ -1,5 +1,7 @@
 """The temporal-memory layer and the stack: shapes, HTM semantics, learning-mode invariants."""
 
+from itertools import product
+
 import pytest
 import torch
 
@@ -424,3 +426,26 @@ def test_the_decoder_learns_the_input_of_the_active_columns(fused, code_rate):
     else:
         # Nothing was predicted (connected); only what the second pass recalled taught it (0.75).
         assert error > 0.6
+
+
+@pytest.mark.parametrize("learning, recall", [("local", True), ("hybrid", True), ("backprop", False)])
+def test_layers_that_learn_by_gradient_alone_do_not_recall(learning, recall):
+    # Their segments are random (LearningRule.check): what they match is noise. With
+    # backprop's thresholds on the high-order stream (2 / 1) recall took final accuracy from
+    # 0.35 to 0.09.
+    stack = PredictiveStack(48, [SMALL])
+    build(learning, **({} if learning == "backprop" else {"new_synapses": 6})).check(stack)
+    assert stack.layers[0].recall is recall
+
+
+def test_recall_can_be_turned_off_in_both_paths():
+    x = stream([0, 1, 2, 3, 4, 5], 4)
+    prediction = {}
+    for recall, fused in product((True, False), (False, True)):
+        torch.manual_seed(0)
+        stack = PredictiveStack(48, [dict(SMALL, recall=recall)])
+        out, _ = stack(x, stack.initial_state(1), learning=build("local", new_synapses=6, fused=fused))
+        prediction[recall, fused] = out.prediction
+    for recall in (True, False):  # the decoder's sums run in another order in the kernel
+        torch.testing.assert_close(prediction[recall, False], prediction[recall, True], rtol=1e-5, atol=1e-5)
+    assert (prediction[True, False] - prediction[False, False]).abs().max() > 0.1  # the 2nd pass recalls
