@@ -277,9 +277,10 @@ class TemporalMemory(nn.Module):
             # a context seen once is predicted right when it comes again, a pass before its
             # links connect. Forward values only: the gradient is the union's.
             matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
-            recall = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
-            recalled = (known & (recall > 0).any(-1)).unsqueeze(-1)
-            predicted_columns = torch.where(recalled, straight_through(recall, predicted_columns), predicted_columns)
+            recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
+            recalled = (known & (recalled_columns > 0).any(-1)).unsqueeze(-1)
+            predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
+                                            predicted_columns)
         return {
             "cells": step.cells,
             "winners": step.winners.to(step.cells.dtype),
