@@ -271,16 +271,16 @@ class TemporalMemory(nn.Module):
             by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
             context = torch.where(known.unsqueeze(-1), by_winners, context)
             potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
-        if self.recall and known.any():
-            # A known context *recalls* what followed it: the decoded prediction is the columns
-            # its winners' segments match (connected or not) rather than the burst's union, so
-            # a context seen once is predicted right when it comes again, a pass before its
-            # links connect. Forward values only: the gradient is the union's.
-            matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
-            recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
-            recalled = (known & (recalled_columns > 0).any(-1)).unsqueeze(-1)
-            predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
-                                            predicted_columns)
+            if self.recall:
+                # A known context *recalls* what followed it: the decoded prediction is the
+                # columns its winners' segments match (connected or not) rather than the
+                # burst's union, so a context seen once is predicted right when it comes again,
+                # a pass before its links connect. Forward values only: the gradient is the union's.
+                matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
+                recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
+                recalled = (known & (recalled_columns > 0).any(-1)).unsqueeze(-1)
+                predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
+                                                predicted_columns)
         return {
             "cells": step.cells,
             "winners": step.winners.to(step.cells.dtype),
