@@ -18,13 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from predictive.memory import LayerStep, TemporalMemory
-
-
-def check_flags(**flags) -> None:
-    """On/off settings must be true or false (a string such as "no" would read as true)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+from predictive.sparse import check_flags
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from predictive.dendrites import DistalSegments, straight_through
-from predictive.sparse import KWinners, SparseLinear, check_positive, resolve_count
+from predictive.sparse import KWinners, SparseLinear, check_flags, check_positive, resolve_count
 
 State = dict[str, torch.Tensor]
 
@@ -111,6 +111,7 @@ class TemporalMemory(nn.Module):
         if soft_kwta < 0:
             raise ValueError(f"soft_kwta must be >= 0, got {soft_kwta}")
         self.soft_kwta = soft_kwta
+        check_flags(first_order_fallback=first_order_fallback, recall=recall)
         self.recall = recall
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)

@@ -31,6 +31,13 @@ def check_positive(**sizes: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_flags(**flags) -> None:
+    """On/off settings must be true or false (a string such as "no" would read as true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def boost_factors(duty_cycle: torch.Tensor, density: float, strength: torch.Tensor) -> torch.Tensor:
     """exp((target density - duty cycle) * strength): rarely active units get a higher factor."""
     return torch.exp((density - duty_cycle) * strength)

@@ -171,6 +171,8 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(activation_threshold=9), "activation_threshold"),
         (dict(matching_threshold=0), "matching_threshold"),
         (dict(soft_kwta=-1.0), "soft_kwta"),
+        (dict(recall="no"), "recall must be true or false, got 'no'"),
+        (dict(first_order_fallback=1), "first_order_fallback must be true or false"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(settings, name):
