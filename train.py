@@ -47,6 +47,9 @@ def train(cfg: DictConfig) -> dict:
     optimizer = build(cfg.optimizer, "optimizer")
     optimizer([torch.zeros(1, requires_grad=True)])  # let the optimizer check lr & co. now
     scheduler = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    epochs = cfg.trainer.get("max_epochs")
+    if scheduler is not None and not (isinstance(epochs, int) and epochs >= 1):  # -1: Lightning's "no limit"
+        raise ValueError(f"scheduler: needs trainer.max_epochs >= 1 (it is stepped once per epoch), got {epochs!r}")
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
     datamodule = task.datamodule()
 

@@ -78,10 +78,11 @@ def test_wrong_override_gets_hydra_error():
     ("model.active_columns=100", "active_columns"),  # more active columns than the 64 columns
     ("task.chunk=0", "task.chunk"),
     ("torch_threads=0", "torch_threads"),
+    ("scheduler=cosine trainer.max_epochs=-1", "trainer.max_epochs >= 1"),
 ])
 def test_bad_value_is_a_value_error_naming_it(tmp_path, override, setting):
     with pytest.raises(ValueError, match=setting):
-        train.train(config(tmp_path, override))
+        train.train(config(tmp_path, *override.split()))
     assert not (tmp_path / "checkpoints").exists()  # failed before any training
 
 
