@@ -159,7 +159,7 @@ def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
         shifted = torch.nn.functional.pad(d, (0, 0, 2, 2))[:, i : i + 51]
         torch.testing.assert_close(block, shifted)
     torch.testing.assert_close(spliced.loudness(s), x.mean(-1))  # the frame itself, its mel bins
-    for bad in (-1, 1.5):
+    for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="task.context_frames must be an integer >= 0"):
             LogMel(context_frames=bad)
 
@@ -433,7 +433,7 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     assert f"speech results in {(tmp_path / 'out').resolve()}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="task.dataset"):
         SpeechTask(dataset="timit", root=tmp_path / "d")
-    for bad in (1.5, -0.1, "loud"):
+    for bad in (1.5, -0.1, "loud", False):  # false is not "off": that is null
         with pytest.raises(ValueError, match=r"task.voiced_threshold must be in \[0, 1\) or null"):
             SpeechTask(dataset="folder", root=tmp_path / "d", voiced_threshold=bad)
     voiced = SpeechTask(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, voiced_threshold=0.3,

@@ -82,7 +82,7 @@ class LogMel(nn.Module):
         context_frames=0,
     ):
         super().__init__()
-        if not isinstance(context_frames, int) or context_frames < 0:
+        if not isinstance(context_frames, int) or isinstance(context_frames, bool) or context_frames < 0:
             raise ValueError(f"task.context_frames must be an integer >= 0, got {context_frames!r}")
         if normalize not in ("utterance", "channel", "none"):
             raise ValueError(f"task.normalize must be utterance|channel|none, got {normalize!r}")

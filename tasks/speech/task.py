@@ -124,7 +124,8 @@ class SpeechTask(Task):
         self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
         self.cells_per_column = cells_per_column
         if voiced_threshold is not None and not (
-            isinstance(voiced_threshold, (int, float)) and 0.0 <= voiced_threshold < 1.0
+            isinstance(voiced_threshold, (int, float)) and not isinstance(voiced_threshold, bool)
+            and 0.0 <= voiced_threshold < 1.0
         ):
             raise ValueError(f"task.voiced_threshold must be in [0, 1) or null, got {voiced_threshold!r}")
         self.voiced_threshold = voiced_threshold
