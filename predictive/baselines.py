@@ -11,6 +11,18 @@ from predictive.stack import StackOutput, check_input, detach_state
 State = dict[str, torch.Tensor]
 
 
+def dense_output(x: torch.Tensor, hidden: torch.Tensor, decoder: nn.Module, rule: LearningRule) -> StackOutput:
+    """A dense model's output: its (B, T, N) hidden features stand for cells and predicted
+    cells, `decoder` predicts the next input from them, and the error of that prediction is
+    the local loss (hybrid's, and an LSTM's in local mode). No anomaly score."""
+    prediction = decoder(hidden)
+    local_loss = x.new_zeros(())
+    if rule.local_loss_weight > 0 and x.shape[1] > 1:
+        local_loss = F.mse_loss(prediction[:, :-1], x[:, 1:].detach())
+    anomaly = x.new_zeros(x.shape[:2])
+    return StackOutput(cells=hidden, predicted=hidden, prediction=prediction, anomaly=anomaly, local_loss=local_loss)
+
+
 class LSTMModel(nn.Module):
     """torch's LSTM, plus a linear decoder of the next input from the hidden state.
 
@@ -48,6 +60,9 @@ class LSTMModel(nn.Module):
         rule = learning or Backprop()
         local = rule.is_local(0)
         h, c = state["h"], state["c"]
+        if reset is not None and not local and not reset[:, 1:].any():  # resets at the first step only (a clip starts)
+            keep = (~reset[:, 0]).to(x.dtype).view(1, -1, 1)
+            h, c, reset = h * keep, c * keep, None
         if reset is None and not local:
             hidden, (h, c) = self.lstm(x, (h, c))  # one fused call when nothing cuts the chunk
         else:
@@ -61,18 +76,87 @@ class LSTMModel(nn.Module):
                 out, (h, c) = self.lstm(x[:, t : t + 1], (h, c))
                 outputs.append(out)
             hidden = torch.cat(outputs, 1)
-        prediction = self.decoder(hidden)
-        local_loss = x.new_zeros(())
-        if rule.local_loss_weight > 0 and x.shape[1] > 1:
-            local_loss = F.mse_loss(prediction[:, :-1], x[:, 1:].detach())
-        out = StackOutput(
-            cells=hidden,
-            predicted=hidden,
-            prediction=prediction,
-            anomaly=x.new_zeros(x.shape[:2]),
-            local_loss=local_loss,
-        )
-        return out, {"h": h, "c": c}
+        return dense_output(x, hidden, self.decoder, rule), {"h": h, "c": c}
 
     def extra_repr(self) -> str:
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"
+
+
+class ConvNet(nn.Module):
+    """A small dense CNN: the dense keyword-spotting baseline of Ahmad & Scheinkman (2019)
+    (after Sainath & Parada 2015), `layers` x (5x5 convolution of `channels` maps over (time,
+    frequency), batch norm, ReLU, max-pool 2 over frequency), plus a linear decoder of the
+    next input.
+
+    Each step's `input_size` values are read as maps of `frequency_bins` values side by side
+    (speech: log-mel, deltas and the spliced frames, e.g. 9 x 2 maps of 40 mel bins). The
+    convolutions are causal in time: the output at t sees the inputs t - R .. t (R =
+    layers x (kernel_size - 1)), as the stack and the LSTM see only the past, and the state
+    carries the last R inputs across chunks. Time keeps its resolution, so the head pools over
+    it as it does for the other models. It learns by gradient only: backprop, or hybrid with
+    the next-input loss.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        channels: int = 64,
+        kernel_size: int = 5,
+        layers: int = 2,
+        frequency_bins: int | None = None,
+    ):
+        super().__init__()
+        check_positive(input_size=input_size, channels=channels, kernel_size=kernel_size, layers=layers)
+        bins = frequency_bins or input_size
+        if input_size % bins or bins >> layers < 1:
+            raise ValueError(
+                f"model.frequency_bins={frequency_bins} must divide the input size {input_size} and leave at "
+                f"least one bin after {layers} poolings by 2"
+            )
+        self.input_size, self.channels, self.kernel_size, self.layers = input_size, channels, kernel_size, layers
+        self.bins, self.history = bins, layers * (kernel_size - 1)
+        convs, maps = [], input_size // bins
+        for _ in range(layers):
+            convs += [nn.Conv2d(maps, channels, kernel_size, padding=(0, kernel_size // 2)), nn.BatchNorm2d(channels),
+                      nn.ReLU(), nn.MaxPool2d((1, 2))]
+            maps = channels
+        self.convs = nn.Sequential(*convs)
+        self.decoder = nn.Linear(self.output_size, input_size)
+
+    @property
+    def output_size(self) -> int:
+        return self.channels * (self.bins >> self.layers)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return {"history": torch.zeros(batch_size, self.history, self.input_size, device=device)}
+
+    detach_state = staticmethod(detach_state)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State,
+        reset: torch.Tensor | None = None,
+        learning: LearningRule | None = None,
+    ) -> tuple[StackOutput, State]:
+        """x: (B, T, D); reset: (B, T) bool or None (only at t = 0: a clip or stream starts)."""
+        check_input(x, self.input_size)
+        rule = learning or Backprop()
+        if rule.is_local(0):
+            raise ValueError("model=cnn has no local learning rule: use learning=backprop or learning=hybrid")
+        history = state["history"]
+        if reset is not None:
+            if reset[:, 1:].any():
+                raise ValueError("model=cnn: a reset after the first step of a chunk is not supported")
+            history = history * (~reset[:, :1]).to(x.dtype).unsqueeze(-1)
+        b, t, _ = x.shape
+        frames = torch.cat([history, x], 1)  # (B, R + T, D)
+        maps = frames.view(b, self.history + t, -1, self.bins).transpose(1, 2)  # (B, maps, R + T, bins)
+        hidden = self.convs(maps).permute(0, 2, 1, 3).flatten(2)  # (B, T, channels x bins / 2^layers)
+        return dense_output(x, hidden, self.decoder, rule), {"history": frames[:, t:]}
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, channels={self.channels}, kernel_size={self.kernel_size}, "
+            f"layers={self.layers}, frequency_bins={self.bins}"
+        )

@@ -449,8 +449,8 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset", ["speech_fsdd", "speech_commands"])
-def test_speech_presets_compose_with_either_model(preset):
-    """experiment=speech_* picks the speech task and a CPU-sized stack; model=lstm still wins."""
+def test_speech_presets_compose_with_every_model(preset):
+    """experiment=speech_* picks the speech task and a CPU-sized stack; model=lstm|cnn still wins."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -458,15 +458,20 @@ def test_speech_presets_compose_with_either_model(preset):
     with initialize_config_dir(str(configs), version_base="1.3"):
         stack = compose("config", overrides=[f"experiment={preset}", "paths.output_dir=x"])
         lstm = compose("config", overrides=[f"experiment={preset}", "model=lstm", "paths.output_dir=x"])
+        cnn = compose("config", overrides=[f"experiment={preset}", "model=cnn", "paths.output_dir=x"])
     assert stack.task._target_.endswith("SpeechTask")
     same = lambda task: {k: v for k, v in task.items() if k != "cells_per_column"}  # noqa: E731
-    assert same(lstm.task) == same(stack.task)
+    assert same(lstm.task) == same(stack.task) == same(cnn.task)
     assert stack.model.columns * stack.model.cells <= 4096  # minutes on a CPU, not hours
     assert lstm.model._target_.endswith("LSTMModel")
-    assert stack.task.cells_per_column == stack.model.cells and lstm.task.cells_per_column == 1
-    for cfg in (stack, lstm):
+    assert stack.task.cells_per_column == stack.model.cells
+    assert lstm.task.cells_per_column == cnn.task.cells_per_column == 1
+    for cfg in (stack, lstm, cnn):
         width = cfg.task.n_mels * (2 if cfg.task.deltas else 1) * (2 * cfg.task.context_frames + 1)
         assert instantiate(cfg.model, input_size=width).output_size > 0
+    # The CNN reads each step as maps of the mel bins: log-mel and deltas of each spliced frame.
+    maps = instantiate(cnn.model, input_size=width).convs[0].in_channels
+    assert maps == 2 * (2 * cnn.task.context_frames + 1)
 
 
 def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, monkeypatch):
@@ -496,3 +501,18 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
     (schedule,) = ckpt["lr_schedulers"]
     assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
     assert summary["train/lr"] == pytest.approx(0.005)  # the last epoch's lr, logged before the step
+
+
+def test_train_py_runs_the_cnn_baseline_on_speech(tmp_path):
+    from test_harness import config
+
+    import train
+
+    two_tones(tmp_path / "d")
+    summary = train.train(config(
+        tmp_path / "out", "task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
+        "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=1", "task.deltas=true",
+        "task.noise_levels=[0.0]", "model=cnn", "model.channels=8", "learning=backprop", "trainer.max_epochs=3",
+        "optimizer.lr=0.01", "logger=none", base=(),
+    ))
+    assert summary["model"] == "cnn" and summary["test_accuracy"] == 1.0
