@@ -12,7 +12,7 @@ from tasks.speech import datasets as ds
 from tasks.speech.audio import AudioError, fix_length, load_clip, read_wav
 from tasks.speech.augment import Augment
 from tasks.speech.data import ClipSet, NoiseSweep, decode
-from tasks.speech.features import LogMel, mel_filterbank
+from tasks.speech.features import LogMel, frame_energy, mel_filterbank
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSC = DATA / "speech_commands_v0.02_test"
@@ -158,7 +158,10 @@ def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
         block = s[:, :, i * 64 : (i + 1) * 64]
         shifted = torch.nn.functional.pad(d, (0, 0, 2, 2))[:, i : i + 51]
         torch.testing.assert_close(block, shifted)
-    torch.testing.assert_close(spliced.loudness(s), x.mean(-1))  # the frame itself, its mel bins
+    torch.testing.assert_close(spliced.features(spliced.log_mel(audio)), s)  # forward, in its two steps
+    # A frame's energy: the log of its summed mel power (each bin floored as in the features).
+    mel_power = m.filters @ m.power(audio) + m.log_floor
+    torch.testing.assert_close(frame_energy(m.log_mel(audio)), mel_power.sum(1).log())
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="task.context_frames must be an integer >= 0"):
             LogMel(context_frames=bad)
@@ -167,15 +170,31 @@ def test_log_mel_is_batched_normalised_and_optionally_has_deltas():
 def test_voiced_span_finds_the_loud_frames_and_widens_them():
     from tasks.speech.features import voiced_span
 
-    loudness = torch.full((3, 40), -2.0)
-    loudness[0, 10:21] = 1.0
-    loudness[1, 3] = 1.0
-    loudness[1, 30] = 0.5  # louder than 30% of the range: inside
-    loudness[1, 35] = -1.5  # quieter: outside
-    loudness[2] = 0.0  # the same loudness throughout: the whole clip
-    span = voiced_span(loudness, threshold=0.3, margin=2)
+    energy = torch.full((3, 40), -2.0)
+    energy[0, 10:21] = 1.0
+    energy[1, 3] = 1.0
+    energy[1, 30] = 0.5  # louder than 30% of the range: inside
+    energy[1, 35] = -1.5  # quieter: outside
+    energy[2] = 0.0  # the same energy throughout: the whole clip
+    span = voiced_span(energy, threshold=0.3, margin=2)
     assert span.tolist() == [[8, 23], [1, 33], [0, 40]]
-    assert voiced_span(loudness[:1], threshold=0.3, margin=20).tolist() == [[0, 40]]
+    assert voiced_span(energy[:1], threshold=0.3, margin=20).tolist() == [[0, 40]]
+
+
+def test_voiced_span_within_a_range_of_the_peak_stays_put_when_noise_raises_the_floor():
+    from tasks.speech.features import voiced_span
+
+    clean = torch.full((1, 40), -10.0)  # log energies: silence,
+    clean[0, 6:8] = -4.0  # a faint tail, 17 dB under the word,
+    clean[0, 8:10] = -2.0  # an onset 8.7 dB under it,
+    clean[0, 10:21] = 0.0  # the word
+    noisy = clean.clamp(min=-5.0) + 0.02  # noise 22 dB under the word fills the silence
+    fraction = [voiced_span(e, threshold=0.5).tolist() for e in (clean, noisy)]
+    assert fraction == [[[6, 21]], [[8, 21]]]  # the fraction of the range alone moves with the floor
+    ranged = [voiced_span(e, threshold=0.5, range_db=10.0).tolist() for e in (clean, noisy)]
+    assert ranged == [[[8, 21]], [[8, 21]]]  # within 10 dB of the peak: the same frames
+    raised = noisy.clamp(min=-1.0)  # noise within 10 dB of the word: the fraction keeps the loud half
+    assert voiced_span(raised, threshold=0.5, range_db=10.0).tolist() == [[10, 21]]
 
 
 def test_head_pools_segments_of_the_span_whatever_its_onset():
@@ -436,6 +455,9 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     for bad in (1.5, -0.1, "loud", False):  # false is not "off": that is null
         with pytest.raises(ValueError, match=r"task.voiced_threshold must be in \[0, 1\) or null"):
             SpeechTask(dataset="folder", root=tmp_path / "d", voiced_threshold=bad)
+    for bad in (0, -10, "10dB", True):
+        with pytest.raises(ValueError, match="task.voiced_range_db must be > 0 or null"):
+            SpeechTask(dataset="folder", root=tmp_path / "d", voiced_range_db=bad)
     voiced = SpeechTask(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, voiced_threshold=0.3,
                         context_frames=1, output_dir=tmp_path / "out")
     assert voiced.input_size == 60
@@ -489,9 +511,9 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
     summary = train.train(config(
         tmp_path / "out", "task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
         "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=2",
-        "task.voiced_threshold=0.3", "task.noise_levels=[0.0]", "learning=local", "model.columns=256",
-        "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01", "logger=none",
-        "scheduler=cosine", base=(),
+        "task.voiced_threshold=0.5", "task.voiced_range_db=10", "task.noise_levels=[0.0]", "learning=local",
+        "model.columns=256", "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01",
+        "logger=none", "scheduler=cosine", base=(),
     ))
     assert spans and all(s is not None and s.shape[1] == 2 for s in spans)
     assert summary["test_accuracy"] == 1.0  # two tones: no excuse

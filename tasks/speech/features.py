@@ -117,8 +117,16 @@ class LogMel(nn.Module):
         )
         return spec.real**2 + spec.imag**2
 
+    def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, frames, n_mels) log mel power, before normalisation."""
+        return torch.log(self.filters @ self.power(audio) + self.log_floor).transpose(1, 2)
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        x = torch.log(self.filters @ self.power(audio) + self.log_floor).transpose(1, 2)
+        return self.features(self.log_mel(audio))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, frames, n_mels) log mel power -> (B, frames, output_size) normalised frames, with
+        deltas and spliced neighbours as configured."""
         if self.normalize != "none":
             dims = (1, 2) if self.normalize == "utterance" else (1,)
             x = (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-5)
@@ -130,23 +138,35 @@ class LogMel(nn.Module):
             x = torch.cat([padded[:, i : i + t] for i in range(2 * c + 1)], dim=2)
         return x
 
-    def loudness(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, output_size) frames from `forward` -> (B, T): each frame's mean log-mel."""
-        start = self.context_frames * self.frame_size  # the frame itself, not its neighbours
-        return frames[..., start : start + self.n_mels].mean(-1)
 
 
-def voiced_span(loudness: torch.Tensor, threshold: float, margin: int = 0) -> torch.Tensor:
-    """(B, T) loudness -> (B, 2) frames [start, end) from the first to the last frame louder
-    than min + threshold x (max - min) of its clip, widened by `margin` frames each side.
+def frame_energy(log_mel: torch.Tensor) -> torch.Tensor:
+    """(B, T, n_mels) log mel power -> (B, T) log energy of each frame (natural log).
+
+    The energy is made by a frame's loudest bins, so noise that fills the quiet bins moves it
+    little where the word is loud; the mean of the log bins would move with every quiet bin."""
+    return log_mel.logsumexp(-1)
+
+
+def voiced_span(
+    energy: torch.Tensor, threshold: float, margin: int = 0, range_db: float | None = None
+) -> torch.Tensor:
+    """(B, T) log energy -> (B, 2) frames [start, end) from the first to the last frame louder
+    than min + threshold x (max - min) of its clip and, with `range_db`, within range_db of its
+    loudest frame; widened by `margin` frames each side.
 
     Where the word lies in a clip varies by hundreds of ms (recording, the time-shift
     augmentation); pooling over this span instead of the whole clip lines the word's parts up
-    from clip to clip. A clip of equal loudness throughout spans all of it."""
-    b, t = loudness.shape
-    low, high = loudness.aminmax(dim=1, keepdim=True)
-    loud = loudness > low + threshold * (high - low)
-    frame = torch.arange(t, device=loudness.device).expand(b, t)
+    from clip to clip. The range below the loudest frame keeps the span where it is when noise
+    raises a quiet clip's floor (the fraction of the range alone shrinks it towards the word's
+    core as the floor rises). A clip of equal loudness throughout spans all of it."""
+    b, t = energy.shape
+    low, high = energy.aminmax(dim=1, keepdim=True)
+    level = low + threshold * (high - low)
+    if range_db is not None:
+        level = torch.maximum(level, high - range_db * math.log(10) / 10)  # dB of power -> natural log
+    loud = energy > level
+    frame = torch.arange(t, device=energy.device).expand(b, t)
     start = torch.where(loud, frame, t).amin(1)
     end = torch.where(loud, frame + 1, 0).amax(1)
     quiet = ~loud.any(1)

@@ -16,14 +16,16 @@ from . import datasets as ds
 from .audio import read_wav, resample
 from .augment import Augment
 from .data import SpeechData
-from .features import LogMel, voiced_span
+from .features import LogMel, frame_energy, voiced_span
 from .head import SegmentPoolHead
 
 log = logging.getLogger(__name__)
 
 
 class SpeechEncoder(nn.Module):
-    """batch["audio"] (B, samples) -> (B, frames, n_mels) log-mel frames, augmented in training."""
+    """batch["audio"] (B, samples) -> (B, frames, output_size) log-mel frames, augmented in
+    training. It also puts each frame's log energy of the audio it encoded (augmented or not)
+    into batch["frame_energy"] (B, frames), for the head's voiced span."""
 
     def __init__(self, augment: Augment, logmel: LogMel):
         super().__init__()
@@ -31,7 +33,9 @@ class SpeechEncoder(nn.Module):
         self.output_size = logmel.output_size
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.logmel(self.augment(batch["audio"]))
+        log_mel = self.logmel.log_mel(self.augment(batch["audio"]))
+        batch["frame_energy"] = frame_energy(log_mel)
+        return self.logmel.features(log_mel)
 
 
 class SpeechTask(Task):
@@ -66,6 +70,7 @@ class SpeechTask(Task):
         augment=None,
         segments=4,
         voiced_threshold=None,
+        voiced_range_db=None,
         head_dropout=0.0,
         head_average=0.0,
         cells_per_column=1,
@@ -128,7 +133,11 @@ class SpeechTask(Task):
             and 0.0 <= voiced_threshold < 1.0
         ):
             raise ValueError(f"task.voiced_threshold must be in [0, 1) or null, got {voiced_threshold!r}")
-        self.voiced_threshold = voiced_threshold
+        if voiced_range_db is not None and not (
+            isinstance(voiced_range_db, (int, float)) and not isinstance(voiced_range_db, bool) and voiced_range_db > 0
+        ):
+            raise ValueError(f"task.voiced_range_db must be > 0 or null, got {voiced_range_db!r}")
+        self.voiced_threshold, self.voiced_range_db = voiced_threshold, voiced_range_db
         self.noise_levels = list(noise_levels)
         self.output_dir = output_dir
         n = len(self.classes)
@@ -164,12 +173,13 @@ class SpeechTask(Task):
         )
 
     def head_inputs(self, x, batch):
-        """The head pools over the frames that hold the word (task.voiced_threshold), widened
-        by the spliced context: frames that far from the word still carry part of it."""
+        """The head pools over the frames that hold the word (task.voiced_threshold and
+        task.voiced_range_db, on the frame energies the encoder put in the batch), widened by the
+        spliced context: frames that far from the word still carry part of it."""
         if self.voiced_threshold is None:
             return {}
-        logmel = self.encoder.logmel
-        return {"span": voiced_span(logmel.loudness(x), self.voiced_threshold, logmel.context_frames)}
+        margin = self.encoder.logmel.context_frames
+        return {"span": voiced_span(batch["frame_energy"], self.voiced_threshold, margin, self.voiced_range_db)}
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
