@@ -9,6 +9,10 @@ with a message when not installed (`pip install reservoirpy pyaogmaneo`):
   fed the task's own symbol codes.
 - aogmaneo: pyaogmaneo Sparse Predictive Hierarchy; its input is one column of symbol
   indices, so the 5,000 noise symbols share one index.
+- ideal: a reference, not a peer. It is told where each sequence starts and remembers what
+  followed each exact prefix (recent continuations first), so it is wrong only the first time
+  it sees a sequence (and a new ending after the switch): the stream's own floor for
+  elements_to_95 and recovery_elements.
 
 brainblocks' SequenceLearner is not included: it has no wheel for current Pythons and its
 next-step prediction API could not be checked here (DESIGN.md reports it at chance, 0.45).
@@ -104,7 +108,21 @@ def run_aogmaneo(stream, seed, endings):
     return predictions
 
 
-PEERS = {"esn": run_esn, "aogmaneo": run_aogmaneo}
+def run_ideal(stream, seed, endings):
+    memory = {}  # prefix since the sequence's start -> scores of the symbols that followed it
+    predictions = np.zeros((len(stream.symbols), stream.num_symbols))
+    prefix = ()
+    for t, symbol in enumerate(stream.symbols):
+        if t > 0 and symbol < stream.num_symbols and prefix:  # learn the element just seen
+            scores = memory.setdefault(prefix, np.zeros(stream.num_symbols))
+            scores *= 0.25  # the latest continuation outweighs all older ones together
+            scores[symbol] += 1.0
+        prefix = (*prefix, symbol) if not stream.start[t] else (symbol,)
+        predictions[t] = memory.get(prefix, 0.0)
+    return predictions
+
+
+PEERS = {"esn": run_esn, "aogmaneo": run_aogmaneo, "ideal": run_ideal}
 MODULES = {"esn": "reservoirpy", "aogmaneo": "pyaogmaneo"}
 
 
@@ -129,7 +147,7 @@ def main():
     for name in args.systems.split(","):
         if name not in PROJECT and name not in PEERS:
             sys.exit(f"--systems: unknown system {name!r}; choose from {[*PROJECT, *PEERS]}")
-        if name in PEERS:
+        if name in MODULES:
             try:
                 __import__(MODULES[name])
             except ImportError:
