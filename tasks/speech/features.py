@@ -91,8 +91,7 @@ class LogMel(nn.Module):
         self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
         self.log_floor, self.normalize, self.deltas = log_floor, normalize, deltas
         self.n_mels, self.context_frames = n_mels, context_frames
-        self.frame_size = n_mels * (2 if deltas else 1)
-        self.output_size = self.frame_size * (2 * context_frames + 1)
+        self.output_size = n_mels * (2 if deltas else 1) * (2 * context_frames + 1)
         # Buffers follow the module to the model's device; not persistent because they are
         # rebuilt from the config, which keeps checkpoints small and free of derived data.
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
@@ -137,7 +136,6 @@ class LogMel(nn.Module):
             padded = nn.functional.pad(x, (0, 0, c, c))
             x = torch.cat([padded[:, i : i + t] for i in range(2 * c + 1)], dim=2)
         return x
-
 
 
 def frame_energy(log_mel: torch.Tensor) -> torch.Tensor:
