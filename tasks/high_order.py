@@ -60,13 +60,18 @@ def generate(
     seed: int,
     length: int = 20000,
     switch_after: int = 10000,
+    relabel_seed: int | None = None,
 ) -> Stream:
-    """The stream of `length` elements for one seed (the last sequence may be cut short)."""
+    """The stream of `length` elements for one seed (the last sequence may be cut short).
+    `relabel_seed` (default: `seed`) draws the symbol relabelling instead; the order of the
+    sequences and the noise stay those of `seed` either way."""
     if length < 1 or switch_after < 0:
         raise ValueError(f"length must be >= 1 and switch_after >= 0, got {length}, {switch_after}")
     num_symbols = 1 + max(max(s) for s in normal + perturbed)
     rng = np.random.default_rng(seed)
-    relabel = rng.permutation(num_symbols)
+    relabel = rng.permutation(num_symbols)  # drawn from rng in any case: the order stays the seed's
+    if relabel_seed is not None:
+        relabel = np.random.default_rng(relabel_seed).permutation(num_symbols)
     symbols, scored, start = [], [], []
     switch = None
     while len(symbols) < length:

@@ -21,6 +21,7 @@ from tasks.encoders import SymbolEncoder
 from tasks.streams import ArrayStreams
 
 FEATURES = ("auto", "prediction", "predicted", "cells")
+RELABEL = ("shared", "per_stream")
 
 
 class SymbolInput(nn.Module):
@@ -56,8 +57,13 @@ class SequenceTask(Task):
         data_dir: data root; the sets are read from <data_dir>/high_order_sequences/sequences.json.
         endings: 1 | 2 | 4 possible endings per shared subsequence; a prediction is right when
             the truth is among the top `endings` symbols.
-        streams: B streams learned at once as one batch, stream i from seed `seed + i`, each
-            scored on its own.
+        streams: B streams learned at once as one batch by one model, stream i from seed
+            `seed + i` (its sequence order and noise), each scored on its own. Not B independent
+            runs: the streams share the layers' synapses.
+        relabel: "shared": every stream relabels the symbols as stream 0 (seed `seed`) does, so
+            the B streams are B samples of one task; "per_stream": stream i relabels by its own
+            seed, so one model holds B different tasks over the same 10 symbols, B x the
+            contexts per column (it needs about B x the cells; docs/results.md). Equal for B=1.
         features: "prediction" (the bottom layer's decoded next input, scored by overlap with
             each symbol's code) or "predicted" / "cells" (a linear head trained by the task
             loss); "auto": "prediction" for one ending, "predicted" for 2 and 4. With several
@@ -75,6 +81,7 @@ class SequenceTask(Task):
         data_dir="data",
         endings=1,
         streams=1,
+        relabel="shared",
         seed=0,
         length=20000,
         switch_after=10000,
@@ -87,6 +94,8 @@ class SequenceTask(Task):
     ):
         if streams < 1:
             raise ValueError(f"task.streams must be >= 1, got {streams}")
+        if relabel not in RELABEL:
+            raise ValueError(f"task.relabel must be one of {RELABEL}, got {relabel!r}")
         if features not in FEATURES:
             raise ValueError(f"task.features must be one of {FEATURES}, got {features!r}")
         if window < 1:
@@ -94,7 +103,10 @@ class SequenceTask(Task):
         if features == "auto":
             features = "prediction" if endings == 1 else "predicted"
         normal, perturbed = high_order.load_sets(Path(data_dir) / "high_order_sequences" / "sequences.json", endings)
-        self.streams = [high_order.generate(normal, perturbed, seed + i, length, switch_after) for i in range(streams)]
+        relabel_seed = seed if relabel == "shared" else None
+        self.streams = [
+            high_order.generate(normal, perturbed, seed + i, length, switch_after, relabel_seed) for i in range(streams)
+        ]
         self.endings, self.features, self.resets, self.chunk, self.window = endings, features, resets, chunk, window
         self.num_symbols = self.streams[0].num_symbols
         codes = SymbolEncoder(self.streams[0].vocab_size, code_size, code_active, seed=seed)

@@ -113,6 +113,52 @@ def test_several_streams_scored_each_with_mean_and_spread():
     assert s["end_accuracy"] == 0.0 and s["recovery_elements"] is None
 
 
+def test_streams_share_the_relabelling_unless_per_stream():
+    shared, per = make(streams=3), make(streams=3, relabel="per_stream")
+    for a, b in zip(shared.streams, per.streams):  # the same sequence order and noise ...
+        assert np.array_equal(a.scored, b.scored) and np.array_equal(a.symbols >= 10, b.symbols >= 10)
+        # ... and the same sequences, relabelled: shared label = shared relabel of the set symbol
+        seq = b.symbols < 10
+        inverse = np.argsort(b.relabel)
+        assert np.array_equal(a.symbols[seq], shared.streams[0].relabel[inverse[b.symbols[seq]]])
+    assert all(np.array_equal(s.relabel, shared.streams[0].relabel) for s in shared.streams)
+    assert len({tuple(s.relabel) for s in per.streams}) == 3
+    assert np.array_equal(per.streams[0].symbols, shared.streams[0].symbols)  # stream 0: the seed's own
+    assert np.array_equal(make().streams[0].symbols, shared.streams[0].symbols)
+
+
+@pytest.mark.parametrize("relabel", ["shared", "per_stream"])
+def test_one_model_learns_several_streams_of_one_task(relabel):
+    """Four streams through one layer at once: with one relabelling they are four samples of
+    the same eight sequences and each is learned as well as one stream alone; with four
+    relabellings the 256 x 8 layer must hold four times the contexts per column and is
+    capacity-bound (docs/results.md, "Several streams")."""
+    from predictive.learning import build
+    from predictive.stack import PredictiveStack
+    from tasks import high_order
+
+    torch.manual_seed(0)
+    task = make(streams=4, relabel=relabel, length=3000, switch_after=3000)
+    x = task.encoder({"symbol": torch.as_tensor(np.stack([s.symbols for s in task.streams]))})
+    model = PredictiveStack(task.input_size, columns=256, cells=8, active_columns=10, segments=4, synapses=24,
+                            activation_threshold=6, matching_threshold=6)
+    rule = build("local", new_synapses=10)
+    state, scores = model.initial_state(4), []
+    codes = task.encoder.codes.codes(torch.arange(task.num_symbols)).float()
+    for start in range(0, 3000, 50):
+        out, state = model(x[:, start : start + 50], state, None, rule)
+        scores.append(out.prediction @ codes.T)
+    scores = torch.cat(scores, 1).numpy()
+    accuracy = []
+    for b, s in enumerate(task.streams):
+        at = np.flatnonzero(s.scored)[-50:] - 1  # the last 50 endings, predicted one step before
+        accuracy.append(high_order.is_correct(scores[b, at], s.symbols[at + 1], 1).mean())
+    if relabel == "shared":  # 1.00 in each stream
+        assert min(accuracy) >= 0.95, accuracy
+    else:  # 0.60-0.62
+        assert max(accuracy) < 0.9, accuracy
+
+
 def test_state_dict_round_trip_resumes_the_metrics():
     a, b = make(), make()
     dm_a = play(a, oracle(a, right=lambda index: index % 3 != 0))
