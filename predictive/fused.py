@@ -246,6 +246,7 @@ def chunk(scores, x, reset, noise,
     boost_values = np.empty(c_len, dtype=np.float32)
     boosted = np.empty(c_len, dtype=np.float32)
     used = np.empty(n_len, dtype=np.float32)
+    fire = np.empty(n_len, dtype=np.float32)  # cells of one stream that fire, before bursts
     rows = np.empty((b_len * g_len, 2), dtype=np.int64)
     row_missing = np.empty(b_len * g_len, dtype=np.int64)
     deltas_a = np.empty(b_len * g_len, dtype=np.float32)
@@ -323,15 +324,23 @@ def chunk(scores, x, reset, noise,
                 bursting[b, c] = False
                 if not active_cols[b, c]:
                     continue
+                # A known context fires only the cells it predicts in a column it predicts
+                # (TemporalMemory.activate); a column left with none bursts.
+                in_context = False
+                if diverted[b] > 0:
+                    for i in range(m):
+                        in_context |= context_predicted[b, c * m + i] > 0
                 column_predicted = False
                 for i in range(m):
-                    column_predicted |= predicted[b, c * m + i] > 0
+                    n = c * m + i
+                    fire[n] = predicted[b, n] * context_predicted[b, n] if in_context else predicted[b, n]
+                    column_predicted |= fire[n] > 0
                 bursting[b, c] = not column_predicted
                 hits += column_predicted
                 any_winner = False
                 for i in range(m):
                     n = c * m + i
-                    new_cells[b, n] = predicted[b, n] if column_predicted else 1.0
+                    new_cells[b, n] = fire[n] if column_predicted else 1.0
                     if new_cells[b, n] > 0 and context_predicted[b, n] > 0:
                         new_winners[b, n] = True
                         any_winner = True

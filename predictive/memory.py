@@ -180,6 +180,13 @@ class TemporalMemory(nn.Module):
         columns = self.kwinners.winners(scores)
         column_gate = straight_through(columns.to(x.dtype), self.column_gradient(scores, columns))
         predicted = state["predicted"].view(b, c, m)
+        # In a column that a known context predicts, only predicted cells that the context
+        # predicts too fire, not those the rest of an earlier burst predicts (a column left
+        # with none bursts): otherwise the next step predicts from every context the burst
+        # held again, and the majority ending wins. Not known: context == predicted, no change.
+        context = state["context_predicted"].view(b, c, m)
+        narrow = (state["diverted"] > 0).view(b, 1, 1) & (context.amax(-1, keepdim=True) > 0)
+        predicted = torch.where(narrow, predicted * context, predicted)
         column_predicted = predicted.amax(-1)
         bursting = columns & (column_predicted.detach() == 0)
         if self.first_order_fallback and bursting.any():
