@@ -15,6 +15,7 @@ run continues exactly where it stopped (the stream position is the datamodule's,
 
 import random
 import warnings
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -86,7 +87,7 @@ class PredictiveModule(L.LightningModule):
         head_out, out, state = self.run(batch, state, learn=True)
         task_loss = self.task.loss(head_out, batch)
         loss = task_loss + self.rule.local_loss_weight * out.local_loss
-        check_finite(loss, f"loss (task loss {task_loss.item():.4g}, local loss {float(out.local_loss):.4g})")
+        check_finite(loss, lambda: f"loss (task loss {task_loss.item():.4g}, local loss {out.local_loss.item():.4g})")
 
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
@@ -178,9 +179,11 @@ class PredictiveModule(L.LightningModule):
         self.time_steps = checkpoint.get("time_steps", 0)
 
 
-def check_finite(t: torch.Tensor, what: str):
-    """Stop the run on NaN/inf rather than train on garbage."""
+def check_finite(t: torch.Tensor, what: str | Callable[[], str]):
+    """Stop the run on NaN/inf rather than train on garbage. `what` may be a function that
+    builds the name only on failure (reading tensors for it would sync every step)."""
     if not torch.isfinite(t).all():
+        what = what() if callable(what) else what
         raise FloatingPointError(f"non-finite values (NaN or inf) in the {what}; stopping the run")
 
 

@@ -169,6 +169,17 @@ def test_non_finite_input_stops_the_run(tmp_path, monkeypatch):
         train.train(config(tmp_path))
 
 
+def test_the_loss_check_names_the_losses_only_when_it_fails():
+    from predictive.module import check_finite
+
+    def name():
+        raise AssertionError("built although the loss was finite")
+
+    check_finite(torch.tensor(1.0), name)  # finite: the name (which reads tensors) is never built
+    with pytest.raises(FloatingPointError, match=r"in the loss \(task loss nan\); stopping"):
+        check_finite(torch.tensor(math.nan), lambda: "loss (task loss nan)")
+
+
 def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     train.train(config(tmp_path, "logger=wandb", "trainer.max_steps=2"))

@@ -343,6 +343,29 @@ def test_a_known_context_predicts_what_its_winners_recall(matched):
 
 
 @pytest.mark.parametrize(
+    "diverted, context_cells, fired",
+    [
+        (1.0, [17], [17]),  # a known context: only its own cell of the two predicted fires
+        (1.0, [18], [16, 17, 18, 19]),  # it predicts no cell that was predicted: the column bursts
+        (0.0, [16, 17], [16, 17]),  # not known (context == predicted): every predicted cell fires
+    ],
+)
+def test_a_known_context_fires_only_its_own_cells(diverted, context_cells, fired):
+    # Column 4 has two predicted cells (16, 17: two contexts of an earlier burst's union).
+    layer = layer_with_an_old_context()
+    state = layer.initial_state(1)
+    state["predicted"][0, [16, 17]] = 1.0
+    state["context_predicted"][0, context_cells] = 1.0
+    state["diverted"].fill_(diverted)
+    active = torch.zeros(1, 8, dtype=torch.bool)
+    active[0, 4] = True
+    layer.kwinners.winners = lambda scores: active  # the input's columns, whatever x is
+    step = layer.activate(torch.zeros(1, 8), state)
+    assert step.cells[0].nonzero().flatten().tolist() == fired
+    assert step.bursting[0, 4].item() is (len(fired) == 4)
+
+
+@pytest.mark.parametrize(
     "was_matching, diverted_before, diverted_after",
     [
         (True, 1.0, 2.0),  # a transition seen before: carried on, through a burst
