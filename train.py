@@ -51,7 +51,6 @@ def train(cfg: DictConfig) -> dict:
     if scheduler is not None and not (isinstance(epochs, int) and epochs >= 1):  # -1: Lightning's "no limit"
         raise ValueError(f"scheduler: needs trainer.max_epochs >= 1 (it is stepped once per epoch), got {epochs!r}")
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
-    datamodule = task.datamodule()
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
@@ -59,6 +58,7 @@ def train(cfg: DictConfig) -> dict:
     logger = build(cfg.logger, "logger") if cfg.logger else False
     trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=[build(cfg.checkpoint, "checkpoint"), summary],
                     default_root_dir=cfg.paths.output_dir)
+    datamodule = task.datamodule(rank=trainer.global_rank)  # under DDP each rank its own streams
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

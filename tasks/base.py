@@ -53,10 +53,13 @@ class Task(ABC):
     input_size: int
 
     @abstractmethod
-    def datamodule(self) -> L.LightningDataModule:
+    def datamodule(self, rank: int = 0) -> L.LightningDataModule:
         """The data. Batches are dicts of tensors; the module moves them to the device.
         Streaming tasks return a `StreamDataModule` (or anything meeting its contract).
-        `val_dataloader`/`test_dataloader` are optional: the module runs them when present."""
+        `val_dataloader`/`test_dataloader` are optional: the module runs them when present.
+        `rank`: this process's global rank under DDP (0 otherwise); a streaming task with
+        several streams to draw from gives each rank its own (Lightning splits map-style
+        datasets between ranks itself)."""
 
     def reset_mask(self, batch: dict) -> torch.Tensor | None:
         """(B, T) bool: True clears that stream's model state before step t (e.g. at a

@@ -103,10 +103,9 @@ class SequenceTask(Task):
         if features == "auto":
             features = "prediction" if endings == 1 else "predicted"
         normal, perturbed = high_order.load_sets(Path(data_dir) / "high_order_sequences" / "sequences.json", endings)
-        relabel_seed = seed if relabel == "shared" else None
-        self.streams = [
-            high_order.generate(normal, perturbed, seed + i, length, switch_after, relabel_seed) for i in range(streams)
-        ]
+        self._sets = (normal, perturbed, length, switch_after)
+        self._relabel_seed = seed if relabel == "shared" else None
+        self.seed, self.rank, self.streams = seed, 0, self._generate(seed, streams)
         self.endings, self.features, self.resets, self.chunk, self.window = endings, features, resets, chunk, window
         self.num_symbols = self.streams[0].num_symbols
         codes = SymbolEncoder(self.streams[0].vocab_size, code_size, code_active, seed=seed)
@@ -117,7 +116,19 @@ class SequenceTask(Task):
         self._anomaly = np.full((streams, length), np.nan)
         self._seconds, self._elements, self._last = 0.0, 0, None
 
-    def datamodule(self) -> ArrayStreams:
+    def _generate(self, first_seed: int, count: int) -> list[high_order.Stream]:
+        normal, perturbed, length, switch_after = self._sets
+        return [
+            high_order.generate(normal, perturbed, first_seed + i, length, switch_after, self._relabel_seed)
+            for i in range(count)
+        ]
+
+    def datamodule(self, rank: int = 0) -> ArrayStreams:
+        """Under DDP, rank r learns and scores streams seed + r B .. seed + r B + B - 1
+        (relabelled as `relabel` says), so the ranks do not all learn the same streams."""
+        if rank != self.rank:
+            b = len(self.streams)
+            self.rank, self.streams = rank, self._generate(self.seed + rank * b, b)
         symbols = np.stack([s.symbols for s in self.streams])
         scored = np.stack([s.scored for s in self.streams])
         # The prediction made at t is of element t+1; -1 marks "no next element".

@@ -311,8 +311,8 @@ class TaxiTask(Task):
         self._probs = np.full((n, nll_buckets), np.nan)
         self._seconds, self._elements, self._last = 0.0, 0, None
 
-    def datamodule(self) -> ArrayStreams:
-        return ArrayStreams(self._arrays, self.chunk)
+    def datamodule(self, rank: int = 0) -> ArrayStreams:
+        return ArrayStreams(self._arrays, self.chunk)  # one series: every rank streams it
 
     def build_head(self, feature_size):
         nll_edges = torch.linspace(*self.nll_range, self.nll_buckets + 1, dtype=torch.float64)

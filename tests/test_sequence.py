@@ -127,6 +127,16 @@ def test_streams_share_the_relabelling_unless_per_stream():
     assert np.array_equal(make().streams[0].symbols, shared.streams[0].symbols)
 
 
+def test_each_ddp_rank_learns_its_own_streams():
+    task = make(streams=2)
+    rank0 = task.datamodule().chunk(0)["symbol"]
+    rank1 = task.datamodule(rank=1).chunk(0)["symbol"]  # what train.py asks for on rank 1
+    seeds_2_3 = make(streams=4).streams[2:]
+    assert torch.equal(rank1, torch.as_tensor(np.stack([s.symbols[:40] for s in seeds_2_3])))
+    assert not torch.equal(rank0, rank1)
+    assert all(np.array_equal(s.relabel, task.streams[0].relabel) for s in seeds_2_3)  # one task on every rank
+
+
 @pytest.mark.parametrize("relabel", ["shared", "per_stream"])
 def test_one_model_learns_several_streams_of_one_task(relabel):
     """Four streams through one layer at once: with one relabelling they are four samples of

@@ -155,8 +155,8 @@ class SpeechTask(Task):
         parts = [resample(*read_wav(p), sample_rate) for p in sorted(folder.glob("*.wav"))]
         return torch.from_numpy(np.concatenate(parts)) if parts else None
 
-    def datamodule(self):
-        return self._data
+    def datamodule(self, rank: int = 0):
+        return self._data  # Lightning gives each rank its share of the clips
 
     def reset_mask(self, batch):
         """Each clip is its own sequence: clear the state at its first frame."""
