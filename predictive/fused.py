@@ -327,7 +327,7 @@ def chunk(scores, x, reset, noise,
                 # A known context fires only the cells it predicts in a column it predicts
                 # (TemporalMemory.activate); a column left with none bursts.
                 in_context = False
-                if diverted[b] > 0:
+                if recall_on and diverted[b] > 0:
                     for i in range(m):
                         in_context |= context_predicted[b, c * m + i] > 0
                 column_predicted = False

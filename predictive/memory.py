@@ -71,7 +71,8 @@ class TemporalMemory(nn.Module):
             column's score, through a sigmoid of its distance to the k-WTA boundary with this
             temperature (in standard deviations of the scores). Forward values stay binary.
         recall: a known context's decoded prediction is what its winners' segments match
-            (`predict`); False: the burst's union. Segments that only a gradient trains are
+            (`predict`), and in the next step only the cells they predict fire (`activate`);
+            False: the burst's union, both times. Segments that only a gradient trains are
             random and recall nothing, so the learning rule turns it off for them
             (`LearningRule.check`).
     """
@@ -185,7 +186,7 @@ class TemporalMemory(nn.Module):
         # with none bursts): otherwise the next step predicts from every context the burst
         # held again, and the majority ending wins. Not known: context == predicted, no change.
         context = state["context_predicted"].view(b, c, m)
-        narrow = (state["diverted"] > 0).view(b, 1, 1) & (context.amax(-1, keepdim=True) > 0)
+        narrow = (state["diverted"] > 0).view(b, 1, 1) & (context.amax(-1, keepdim=True) > 0) & self.recall
         predicted = torch.where(narrow, predicted * context, predicted)
         column_predicted = predicted.amax(-1)
         bursting = columns & (column_predicted.detach() == 0)

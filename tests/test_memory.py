@@ -343,16 +343,18 @@ def test_a_known_context_predicts_what_its_winners_recall(matched):
 
 
 @pytest.mark.parametrize(
-    "diverted, context_cells, fired",
+    "diverted, context_cells, recall, fired",
     [
-        (1.0, [17], [17]),  # a known context: only its own cell of the two predicted fires
-        (1.0, [18], [16, 17, 18, 19]),  # it predicts no cell that was predicted: the column bursts
-        (0.0, [16, 17], [16, 17]),  # not known (context == predicted): every predicted cell fires
+        (1.0, [17], True, [17]),  # a known context: only its own cell of the two predicted fires
+        (1.0, [18], True, [16, 17, 18, 19]),  # it predicts no cell that was predicted: the column bursts
+        (0.0, [16, 17], True, [16, 17]),  # not known (context == predicted): every predicted cell fires
+        (1.0, [17], False, [16, 17]),  # a layer that does not recall (backprop) fires the union's cells
     ],
 )
-def test_a_known_context_fires_only_its_own_cells(diverted, context_cells, fired):
+def test_a_known_context_fires_only_its_own_cells(diverted, context_cells, recall, fired):
     # Column 4 has two predicted cells (16, 17: two contexts of an earlier burst's union).
     layer = layer_with_an_old_context()
+    layer.recall = recall
     state = layer.initial_state(1)
     state["predicted"][0, [16, 17]] = 1.0
     state["context_predicted"][0, context_cells] = 1.0
