@@ -59,7 +59,7 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     settings = np.array([
         kw.k if kw.training else kw.k_inference, layer.k, layer.cells_per_column, seg.num_segments,
         layer.activation_threshold, layer.matching_threshold, hebbian.new_synapses, hebbian.grow_predicted,
-        hebbian.decoder_bias, kw.training, kw.duty_cycle_period, layer.recall,
+        hebbian.decoder_bias, kw.training, kw.duty_cycle_period, layer.recall, hebbian.connected_grace,
     ], dtype=np.int64)
     rates = np.array([
         seg.connected_permanence, hebbian.permanence_increment, hebbian.permanence_decrement,
@@ -231,7 +231,7 @@ def chunk(scores, x, reset, noise,
     k_select, k, m, s_len = settings[0], settings[1], settings[2], settings[3]
     act_thr, match_thr, new_synapses = settings[4], settings[5], settings[6]
     grow_predicted, decoder_bias, training, period_max = settings[7] > 0, settings[8] > 0, settings[9] > 0, settings[10]
-    recall_on = settings[11] > 0
+    recall_on, grace = settings[11] > 0, settings[12]
     conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor, code_rate = (
         rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8], rates[9])
     g_len = n_len * s_len
@@ -430,10 +430,18 @@ def chunk(scores, x, reset, noise,
                 for n in range(n_len):
                     c = n // m
                     if new_winners[b, n] and novel[b, c] and not matched[b, c]:
-                        slot = 0
-                        for s in range(1, s_len):
-                            if last_learned[n * s_len + s] < last_learned[n * s_len + slot]:
-                                slot = s
+                        # The least recently learned slot, an established segment (one with a
+                        # connected synapse) counted `grace` steps younger (learn_segments).
+                        slot, oldest = 0, np.int64(0)
+                        for s in range(s_len):
+                            g = n * s_len + s
+                            key = last_learned[g]
+                            for j in range(perm.shape[1]):
+                                if perm[g, j] >= conn:
+                                    key += grace
+                                    break
+                            if s == 0 or key < oldest:
+                                slot, oldest = s, key
                         rows[count, 0], rows[count, 1] = b, n * s_len + slot
                         row_missing[count] = new_synapses
                         count += 1

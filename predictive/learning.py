@@ -69,6 +69,12 @@ class PredictiveHebbian:
       predicted endings (top-2 accuracy 0.71 with it, 0.86 without, 10,000 elements).
     - the feedforward map moves each active column's weights toward its input (competitive
       learning) at `feedforward_rate` (0: the column code stays fixed).
+    - a new segment takes its cell's least recently learned slot, where a segment with a
+      connected synapse counts as learned `connected_grace` steps later than it was: a link
+      seen once and never again (most are grown towards noise) goes before an established
+      one of about the same age. With many streams such links come many times faster than
+      any one stream's sequences recur; at 0 (plain LRU) 16 streams of the high-order task
+      fell to final accuracy 0.943, at 30 they stay at 1.000 (docs/results.md).
     """
 
     permanence_increment: float = 0.12
@@ -82,6 +88,7 @@ class PredictiveHebbian:
     decoder_code_rate: float = 0.5
     decoder_bias: bool = False
     feedforward_rate: float = 0.0
+    connected_grace: int = 30
 
     def __post_init__(self):
         rates = ("permanence_increment", "permanence_decrement", "predicted_decrement", "burst_decrement")
@@ -93,6 +100,9 @@ class PredictiveHebbian:
             raise ValueError(f"initial_permanence must be in (0, 1], got {self.initial_permanence}")
         if self.new_synapses < 1:
             raise ValueError(f"new_synapses must be >= 1, got {self.new_synapses}")
+        grace = self.connected_grace
+        if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+            raise ValueError(f"connected_grace must be an integer >= 0, got {self.connected_grace!r}")
         check_flags(grow_predicted=self.grow_predicted, decoder_bias=self.decoder_bias)
 
     def check(self, layer: TemporalMemory) -> None:
@@ -141,7 +151,9 @@ class PredictiveHebbian:
 
         new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
         # The least recently used slot of each new winner becomes a fresh segment.
-        slots = seg.last_learned.view(-1, s)[new_cell_idx].argmin(-1)
+        age = seg.last_learned.view(-1, s)[new_cell_idx]  # (K, S)
+        established = (seg.permanence.view(-1, s, seg.synapses)[new_cell_idx] >= seg.connected_permanence).any(-1)
+        slots = (age + self.connected_grace * established).argmin(-1)
         new_segment = new_cell_idx * s + slots
         seg.permanence[new_segment] = 0.0
         # Grow towards the previous winners up to `new_synapses` synapses onto active cells:

@@ -211,6 +211,36 @@ def test_bad_learning_settings_are_rejected():
         build("hybrid", fused=True)
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
+    for grace in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="connected_grace must be an integer >= 0"):
+            build("local", connected_grace=grace)
+
+
+@pytest.mark.parametrize("grace, evicted", [(30, 1), (0, 0)])
+def test_a_new_segment_evicts_a_link_seen_once_before_an_established_one(grace, evicted):
+    # Cell 9 (column 2) has both slots in use: slot 0 connected, learned at step 10; slot 1 a
+    # link seen once, learned at step 20. Column 2 bursts with cell 9 as its new winner, in
+    # a context (cells 28, 29 won at t-1) that neither segment matches: a new segment starts.
+    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
+    seg = layer.segments
+    with torch.no_grad():
+        seg.presynaptic[18, :2], seg.permanence[18, :2], seg.last_learned[18] = torch.tensor([0, 1]), 0.6, 10
+        seg.presynaptic[19, :2], seg.permanence[19, :2], seg.last_learned[19] = torch.tensor([2, 3]), 0.45, 20
+    layer.learning_steps.fill_(40)
+    prev = layer.initial_state(1)
+    prev["cells"][0, [28, 29]] = prev["winners"][0, [28, 29]] = 1.0
+    columns = torch.zeros(1, 8, dtype=torch.bool)
+    columns[0, 2] = True
+    winners = torch.zeros(1, 32, dtype=torch.bool)
+    winners[0, 9] = True
+    step = LayerStep(x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=columns, novel=columns,
+                     cells=columns.repeat_interleave(4, 1).float(), winners=winners,
+                     matched=torch.zeros_like(columns), anomaly=torch.ones(1))
+    with torch.no_grad():
+        build("local", new_synapses=2, connected_grace=grace).hebbian.learn_segments(layer, step)
+    kept = 19 - evicted
+    assert sorted(seg.presynaptic[18 + evicted, :2].tolist()) == [28, 29]  # the new segment
+    assert seg.last_learned[kept] == (10 if kept == 18 else 20)  # the other one untouched
 
 
 @pytest.mark.parametrize("fused", [False, True])
