@@ -150,7 +150,8 @@ class PredictiveHebbian:
         wrong_rows = self.adapt(seg, prev_active, wrong, -decrement, 0.0)
 
         new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
-        # The least recently used slot of each new winner becomes a fresh segment.
+        # The least recently learned slot of each new winner (an established segment counted
+        # `connected_grace` steps younger) becomes a fresh segment.
         age = seg.last_learned.view(-1, s)[new_cell_idx]  # (K, S)
         established = (seg.permanence.view(-1, s, seg.synapses)[new_cell_idx] >= seg.connected_permanence).any(-1)
         slots = (age + self.connected_grace * established).argmin(-1)
