@@ -219,8 +219,8 @@ def test_bad_learning_settings_are_rejected():
 @pytest.mark.parametrize("grace, evicted", [(30, 1), (0, 0)])
 def test_a_new_segment_evicts_a_link_seen_once_before_an_established_one(grace, evicted):
     # Cell 9 (column 2) has both slots in use: slot 0 connected, learned at step 10; slot 1 a
-    # link seen once, learned at step 20. Column 2 bursts with cell 9 as its new winner, in
-    # a context (cells 28, 29 won at t-1) that neither segment matches: a new segment starts.
+    # link seen once, learned at step 20. Columns 2, 3 burst with cells 9, 13 as new winners,
+    # in a context (cells 28, 29 won at t-1) that neither segment matches: new segments start.
     layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
     seg = layer.segments
     with torch.no_grad():
@@ -229,13 +229,7 @@ def test_a_new_segment_evicts_a_link_seen_once_before_an_established_one(grace, 
     layer.learning_steps.fill_(40)
     prev = layer.initial_state(1)
     prev["cells"][0, [28, 29]] = prev["winners"][0, [28, 29]] = 1.0
-    columns = torch.zeros(1, 8, dtype=torch.bool)
-    columns[0, 2] = True
-    winners = torch.zeros(1, 32, dtype=torch.bool)
-    winners[0, 9] = True
-    step = LayerStep(x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=columns, novel=columns,
-                     cells=columns.repeat_interleave(4, 1).float(), winners=winners,
-                     matched=torch.zeros_like(columns), anomaly=torch.ones(1))
+    step = burst_of_columns_2_and_3(layer, prev, matched=False)
     with torch.no_grad():
         build("local", new_synapses=2, connected_grace=grace).hebbian.learn_segments(layer, step)
     kept = 19 - evicted
