@@ -220,6 +220,7 @@ def test_overlap_head_decodes_codes_and_loss_skips_noise():
     "setting, value, match",
     [
         ("streams", 0, "task.streams"),
+        ("relabel", "per-stream", r"task.relabel must be one of \('shared', 'per_stream'\), got 'per-stream'"),
         ("features", "bogus", "task.features"),
         ("endings", 3, "task.endings"),
         ("window", 0, "task.window"),
