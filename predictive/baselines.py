@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from predictive.learning import Backprop, LearningRule
-from predictive.sparse import check_positive
+from predictive.sparse import KWinners, SparseLinear, check_positive, mask_weights
 from predictive.stack import StackOutput, check_input, detach_state
 
 State = dict[str, torch.Tensor]
@@ -82,11 +82,33 @@ class LSTMModel(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"
 
 
+def per_layer(value, layers: int, name: str) -> list:
+    """One setting for every layer, or a list of `layers` settings."""
+    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__len__") else [value] * layers
+    if len(values) != layers:
+        raise ValueError(f"model.{name} must be one value or {layers} (one per layer), got {value!r}")
+    return values
+
+
+class MapWinners(KWinners):
+    """k-WTA over all maps and frequency bins of each time step: x (B, maps, T, bins) keeps
+    k of maps x bins at every t (the per-step form of nupic.torch's KWinners2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.transpose(1, 2).flatten(2)  # (B, T, maps x bins)
+        return super().forward(steps).unflatten(2, (x.shape[1], x.shape[3])).transpose(1, 2)
+
+
 class ConvNet(nn.Module):
-    """A small dense CNN: the dense keyword-spotting baseline of Ahmad & Scheinkman (2019)
-    (after Sainath & Parada 2015), `layers` x (5x5 convolution of `channels` maps over (time,
-    frequency), batch norm, ReLU, max-pool 2 over frequency), plus a linear decoder of the
-    next input.
+    """A small CNN: the keyword-spotting CNNs of Ahmad & Scheinkman (2019) (after Sainath &
+    Parada 2015), `layers` x (5x5 convolution of `channels` maps over (time, frequency), batch
+    norm, ReLU, max-pool 2 over frequency), plus a linear decoder of the next input.
+
+    Dense by default. Their sparse CNN: `activity` (the fraction of a layer's units that stay
+    active at each step, k-WTA with boosting in place of the ReLU, after the pooling),
+    `weight_sparsity` (the fraction of zero weights of each map, a fixed random mask), and a
+    sparse hidden layer of `hidden` units (`hidden_weight_sparsity`, `hidden_activity`) between
+    the convolutions and the head. Each accepts one value for every layer or a list.
 
     Each step's `input_size` values are read as maps of `frequency_bins` values side by side
     (speech: log-mel, deltas and the spliced frames, e.g. 9 x 2 maps of 40 mel bins). The
@@ -104,6 +126,15 @@ class ConvNet(nn.Module):
         kernel_size: int = 5,
         layers: int = 2,
         frequency_bins: int | None = None,
+        activity: float | list[float] | None = None,
+        weight_sparsity: float | list[float] = 0.0,
+        hidden: int = 0,
+        hidden_activity: float = 0.1,
+        hidden_weight_sparsity: float = 0.9,
+        boost_strength: float = 1.5,
+        boost_strength_factor: float = 1.0,
+        duty_cycle_period: int = 1000,
+        k_inference_factor: float = 1.0,
     ):
         super().__init__()
         check_positive(input_size=input_size, channels=channels, kernel_size=kernel_size, layers=layers)
@@ -113,19 +144,37 @@ class ConvNet(nn.Module):
                 f"model.frequency_bins={frequency_bins} must divide the input size {input_size} and leave at "
                 f"least one bin after {layers} poolings by 2"
             )
+        activity = per_layer(activity, layers, "activity")
+        weight_sparsity = per_layer(weight_sparsity, layers, "weight_sparsity")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"model.hidden must be an integer >= 0, got {hidden!r}")
         self.input_size, self.channels, self.kernel_size, self.layers = input_size, channels, kernel_size, layers
-        self.bins, self.history = bins, layers * (kernel_size - 1)
+        self.bins, self.history, self.hidden = bins, layers * (kernel_size - 1), hidden
+        self.sparse = activity[0] is not None or any(weight_sparsity) or hidden > 0
+        boosting = dict(boost_strength=boost_strength, boost_strength_factor=boost_strength_factor,
+                        duty_cycle_period=duty_cycle_period, k_inference_factor=k_inference_factor)
         convs, maps = [], input_size // bins
-        for _ in range(layers):
-            convs += [nn.Conv2d(maps, channels, kernel_size, padding=(0, kernel_size // 2)), nn.BatchNorm2d(channels),
-                      nn.ReLU(), nn.MaxPool2d((1, 2))]
+        for i in range(layers):
+            conv = nn.Conv2d(maps, channels, kernel_size, padding=(0, kernel_size // 2))
+            if weight_sparsity[i]:
+                mask_weights(conv, weight_sparsity[i])
+            if activity[i] is None:
+                convs += [conv, nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d((1, 2))]
+            else:  # the sparse CNN's order: pool, then k-WTA
+                units = channels * (bins >> (i + 1))
+                winners = MapWinners(units, activity[i], **boosting)
+                convs += [conv, nn.BatchNorm2d(channels), nn.MaxPool2d((1, 2)), winners]
             maps = channels
         self.convs = nn.Sequential(*convs)
+        if hidden:
+            self.dense = SparseLinear(channels * (bins >> layers), hidden, hidden_weight_sparsity)
+            self.dense_norm = nn.BatchNorm1d(hidden)
+            self.dense_winners = KWinners(hidden, hidden_activity, **boosting)
         self.decoder = nn.Linear(self.output_size, input_size)
 
     @property
     def output_size(self) -> int:
-        return self.channels * (self.bins >> self.layers)
+        return self.hidden or self.channels * (self.bins >> self.layers)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {"history": torch.zeros(batch_size, self.history, self.input_size, device=device)}
@@ -153,10 +202,13 @@ class ConvNet(nn.Module):
         frames = torch.cat([history, x], 1)  # (B, R + T, D)
         maps = frames.view(b, self.history + t, -1, self.bins).transpose(1, 2)  # (B, maps, R + T, bins)
         hidden = self.convs(maps).permute(0, 2, 1, 3).flatten(2)  # (B, T, channels x bins / 2^layers)
+        if self.hidden:
+            hidden = self.dense_norm(self.dense(hidden).transpose(1, 2)).transpose(1, 2)  # (B, T, hidden)
+            hidden = self.dense_winners(hidden)
         return dense_output(x, hidden, self.decoder, rule), {"history": frames[:, t:]}
 
     def extra_repr(self) -> str:
         return (
             f"input_size={self.input_size}, channels={self.channels}, kernel_size={self.kernel_size}, "
-            f"layers={self.layers}, frequency_bins={self.bins}"
+            f"layers={self.layers}, frequency_bins={self.bins}, hidden={self.hidden}, sparse={self.sparse}"
         )

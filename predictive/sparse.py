@@ -166,6 +166,16 @@ def random_mask(out_features: int, in_features: int, sparsity: float, generator=
     return (order >= zeros).float()
 
 
+def mask_weights(module: nn.Module, sparsity: float) -> None:
+    """Give `module.weight` (out, ...) a fixed random mask with round(sparsity x fan-in) zeros
+    per output unit, as a parametrization: no optimizer step can make a masked weight non-zero."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    weight = module.weight
+    mask = random_mask(weight.shape[0], weight[0].numel(), sparsity).view_as(weight)
+    parametrize.register_parametrization(module, "weight", FixedMask(mask))
+
+
 class SparseLinear(nn.Linear):
     """nn.Linear whose weight has a fixed fraction of zeros per output unit.
 
@@ -175,12 +185,9 @@ class SparseLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, sparsity: float = 0.5, bias: bool = True):
         check_positive(in_features=in_features, out_features=out_features)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         self.sparsity = sparsity
         super().__init__(in_features, out_features, bias=bias)
-        mask = random_mask(out_features, in_features, sparsity)
-        parametrize.register_parametrization(self, "weight", FixedMask(mask))
+        mask_weights(self, sparsity)
 
     @property
     def mask(self) -> torch.Tensor:

@@ -70,3 +70,28 @@ def test_lstm_resets_match_a_step_by_step_run(reset_at):
         expected.append(step)
     assert torch.allclose(out.cells, torch.cat(expected, 1), atol=1e-6) and torch.allclose(end["h"], h, atol=1e-6)
     assert not torch.allclose(out.cells, lstm(x, state)[0].cells)  # the resets mattered
+
+
+def test_sparse_cnn_keeps_k_winners_per_step_and_its_masked_weights_zero():
+    """model=sparse_cnn (Ahmad & Scheinkman's sparse CNN): each step keeps exactly k of a layer's
+    maps x bins, the masked weights stay zero through an optimizer step, and the dense CNN's
+    parameters keep their names (old checkpoints load)."""
+    torch.manual_seed(0)
+    cnn = ConvNet(40, channels=8, frequency_bins=20, activity=[0.1, 0.25], weight_sparsity=[0.5, 0.8], hidden=30)
+    x = torch.randn(3, 12, 40)
+    out, _ = cnn(x, cnn.initial_state(3), learning=build("backprop"))
+    assert out.cells.shape == (3, 12, 30) and ((out.cells != 0).sum(-1) == 3).all()  # 10% of 30 hidden units
+    first = cnn.convs[:4](x.view(3, 12, 2, 20).transpose(1, 2))  # (B, maps, T, bins) after the first k-WTA
+    assert ((first != 0).sum((1, 3)) == round(0.1 * 8 * 10)).all()  # k of 8 maps x 10 bins at every step
+    masks = [cnn.convs[0].parametrizations.weight[0].mask, cnn.convs[4].parametrizations.weight[0].mask]
+    assert [round(1 - float(m.mean()), 2) for m in masks] == [0.5, 0.8]
+    optimizer = torch.optim.SGD(cnn.parameters(), lr=0.1)
+    out.cells.pow(2).sum().backward()
+    optimizer.step()
+    assert (cnn.convs[4].weight[masks[1] == 0] == 0).all() and (cnn.dense.weight[cnn.dense.mask == 0] == 0).all()
+    dense = ConvNet(40, channels=8, frequency_bins=20)
+    assert not dense.sparse and [n for n, _ in dense.named_parameters()][:2] == ["convs.0.weight", "convs.0.bias"]
+    with pytest.raises(ValueError, match="model.activity must be one value or 2"):
+        ConvNet(40, frequency_bins=20, activity=[0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="model.hidden"):
+        ConvNet(40, frequency_bins=20, hidden=-1)

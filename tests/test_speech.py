@@ -472,7 +472,8 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset", ["speech_fsdd", "speech_commands"])
 def test_speech_presets_compose_with_every_model(preset):
-    """experiment=speech_* picks the speech task and a CPU-sized stack; model=lstm|cnn still wins."""
+    """experiment=speech_* picks the speech task and a CPU-sized stack; model=lstm|cnn|sparse_cnn
+    still wins."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -481,19 +482,21 @@ def test_speech_presets_compose_with_every_model(preset):
         stack = compose("config", overrides=[f"experiment={preset}", "paths.output_dir=x"])
         lstm = compose("config", overrides=[f"experiment={preset}", "model=lstm", "paths.output_dir=x"])
         cnn = compose("config", overrides=[f"experiment={preset}", "model=cnn", "paths.output_dir=x"])
+        sparse = compose("config", overrides=[f"experiment={preset}", "model=sparse_cnn", "paths.output_dir=x"])
     assert stack.task._target_.endswith("SpeechTask")
     same = lambda task: {k: v for k, v in task.items() if k != "cells_per_column"}  # noqa: E731
-    assert same(lstm.task) == same(stack.task) == same(cnn.task)
+    assert same(lstm.task) == same(stack.task) == same(cnn.task) == same(sparse.task)
     assert stack.model.columns * stack.model.cells <= 4096  # minutes on a CPU, not hours
     assert lstm.model._target_.endswith("LSTMModel")
     assert stack.task.cells_per_column == stack.model.cells
     assert lstm.task.cells_per_column == cnn.task.cells_per_column == 1
-    for cfg in (stack, lstm, cnn):
+    for cfg in (stack, lstm, cnn, sparse):
         width = cfg.task.n_mels * (2 if cfg.task.deltas else 1) * (2 * cfg.task.context_frames + 1)
         assert instantiate(cfg.model, input_size=width).output_size > 0
     # The CNN reads each step as maps of the mel bins: log-mel and deltas of each spliced frame.
     maps = instantiate(cnn.model, input_size=width).convs[0].in_channels
     assert maps == 2 * (2 * cnn.task.context_frames + 1)
+    assert instantiate(sparse.model, input_size=width).sparse and sparse.task.cells_per_column == 1
 
 
 def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, monkeypatch):
