@@ -3,9 +3,9 @@ as a markdown table and PNG plots, readable without W&B.
 
     python -m predictive.report multirun/2026-01-01_12-00-00   # any dir holding runs
 
-A run is any folder below DIR with a summary.json (written by every `train.py` run); its
-`learning` and `model` entries name its row, and its curves.json (streaming tasks) gives
-the learning curves. `train.py -m` writes the report itself at the end of the sweep
+A run is any folder below DIR with a summary.json (written by every `train.py` run; a run's
+`evaluate/` re-test is not another run); its `learning` and `model` entries name its row,
+and its curves.json (streaming tasks) gives the learning curves. `train.py -m` writes the report itself at the end of the sweep
 (`ComparisonCallback`, configured under hydra.callbacks in configs/config.yaml).
 """
 
@@ -26,6 +26,8 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
     """One row per run (its summary.json), and each run's curves {run dir: {name: (x, y)}}."""
     rows, curves = [], {}
     for path in sorted(root.rglob("summary.json")):
+        if path.parent.name == "evaluate" and (path.parent.parent / "summary.json").exists():
+            continue  # a re-test of the run above it (tasks.speech.evaluate), not a run of its own
         summary = json.loads(path.read_text())
         summary["run"] = str(path.parent.relative_to(root))
         rows.append(summary)

@@ -208,6 +208,10 @@ def test_multirun_writes_comparison(tmp_path, monkeypatch):
     assert "steps_per_second" in table and "±" in table
     assert (sweep / "metrics.png").exists() and (sweep / "curve_accuracy.png").exists()
     os.remove(sweep / "comparison.md")
+    # A re-test in a run's evaluate/ (tasks.speech.evaluate writes one there) is not a run.
+    retest = next(sweep.rglob("summary.json")).parent / "evaluate"
+    retest.mkdir()
+    (retest / "summary.json").write_text('{"final_accuracy": 0.0}')
     monkeypatch.chdir(tmp_path)  # the report names the dir as given, here relative to the cwd
     rebuilt = report.write_report(sweep.relative_to(tmp_path)).read_text()
     assert rebuilt == table  # rebuilt from the run dirs alone
