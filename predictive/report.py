@@ -5,8 +5,9 @@ as a markdown table and PNG plots, readable without W&B.
 
 A run is any folder below DIR with a summary.json (written by every `train.py` run; a run's
 `evaluate/` re-test is not another run); its `learning` and `model` entries name its row,
-and its curves.json (streaming tasks) gives the learning curves. `train.py -m` writes the report itself at the end of the sweep
-(`ComparisonCallback`, configured under hydra.callbacks in configs/config.yaml).
+and its curves.json (streaming tasks) gives the learning curves. `train.py -m` writes the
+report itself at the end of the sweep (`ComparisonCallback`, configured under hydra.callbacks
+in configs/config.yaml).
 """
 
 import argparse
