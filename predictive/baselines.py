@@ -1,5 +1,7 @@
 """Dense baselines with the same surface as `PredictiveStack` (see docs/interfaces.md)."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,11 +84,22 @@ class LSTMModel(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}"
 
 
-def per_layer(value, layers: int, name: str) -> list:
-    """One setting for every layer, or a list of `layers` settings."""
-    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__len__") else [value] * layers
+def fraction(v, closed: str) -> bool:
+    """v is a number in (0, 1] (closed="high") or [0, 1) (closed="low")."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return 0 < v <= 1 if closed == "high" else 0 <= v < 1
+
+
+def per_layer(value, layers: int, name: str, closed: str, null: bool = False) -> list:
+    """One setting for every layer, or a list of `layers` settings: fractions in (0, 1]
+    (closed="high") or [0, 1) (closed="low"), or null where `null`."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * layers
     if len(values) != layers:
         raise ValueError(f"model.{name} must be one value or {layers} (one per layer), got {value!r}")
+    if not all((null and v is None) or fraction(v, closed) for v in values):
+        span = "(0, 1]" if closed == "high" else "[0, 1)"
+        raise ValueError(f"model.{name} must be in {span}{' or null' if null else ''}, got {value!r}")
     return values
 
 
@@ -144,13 +157,16 @@ class ConvNet(nn.Module):
                 f"model.frequency_bins={frequency_bins} must divide the input size {input_size} and leave at "
                 f"least one bin after {layers} poolings by 2"
             )
-        activity = per_layer(activity, layers, "activity")
-        weight_sparsity = per_layer(weight_sparsity, layers, "weight_sparsity")
+        activity = per_layer(activity, layers, "activity", "high", null=True)
+        weight_sparsity = per_layer(weight_sparsity, layers, "weight_sparsity", "low")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
             raise ValueError(f"model.hidden must be an integer >= 0, got {hidden!r}")
+        if hidden:
+            per_layer(hidden_activity, 1, "hidden_activity", "high")
+            per_layer(hidden_weight_sparsity, 1, "hidden_weight_sparsity", "low")
         self.input_size, self.channels, self.kernel_size, self.layers = input_size, channels, kernel_size, layers
         self.bins, self.history, self.hidden = bins, layers * (kernel_size - 1), hidden
-        self.sparse = activity[0] is not None or any(weight_sparsity) or hidden > 0
+        self.sparse = any(a is not None for a in activity) or any(weight_sparsity) or hidden > 0
         boosting = dict(boost_strength=boost_strength, boost_strength_factor=boost_strength_factor,
                         duty_cycle_period=duty_cycle_period, k_inference_factor=k_inference_factor)
         convs, maps = [], input_size // bins

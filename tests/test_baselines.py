@@ -95,3 +95,8 @@ def test_sparse_cnn_keeps_k_winners_per_step_and_its_masked_weights_zero():
         ConvNet(40, frequency_bins=20, activity=[0.1, 0.1, 0.1])
     with pytest.raises(ValueError, match="model.hidden"):
         ConvNet(40, frequency_bins=20, hidden=-1)
+    bad = {"activity": [0.1, 0.0], "weight_sparsity": 1.0, "hidden_activity": 1.5, "hidden_weight_sparsity": "0.9"}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=rf"model.{name} must be in"):
+            ConvNet(40, frequency_bins=20, hidden=10, **{name: value})
+    assert ConvNet(40, frequency_bins=20, activity=[None, 0.5]).sparse  # a k-WTA in the second layer only
