@@ -37,9 +37,8 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
     if not rows:
         raise FileNotFoundError(f"no summary.json under {root}")
     runs = pd.DataFrame(rows)
-    for key in KEYS:
-        if key not in runs:
-            runs[key] = "?"
+    for key in KEYS:  # a summary.json without them (hand-made, an older run) still gets a row
+        runs[key] = runs[key].fillna("?") if key in runs else "?"
     return runs, curves
 
 

@@ -215,3 +215,7 @@ def test_multirun_writes_comparison(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the report names the dir as given, here relative to the cwd
     rebuilt = report.write_report(sweep.relative_to(tmp_path)).read_text()
     assert rebuilt == table  # rebuilt from the run dirs alone
+    # A summary.json that names no task, learning or model beside runs that do gets a row of "?".
+    (sweep / "other").mkdir()
+    (sweep / "other" / "summary.json").write_text('{"final_accuracy": 0.5}')
+    assert "| ? | ? | ? | 1 |" in report.write_report(sweep.relative_to(tmp_path)).read_text()
