@@ -410,6 +410,8 @@ def chunk(scores, x, reset, noise,
                 for n in range(n_len):
                     if predicted[b, n] <= 0 or active_cols[b, n // m]:
                         continue
+                    if diverted[b] > 0 and context_predicted[b, n] <= 0:
+                        continue  # another context's cell in a known one (learning.py)
                     for s in range(s_len):
                         if active_overlap[b, n, s] >= act_thr:
                             rows[count + wrong, 0], rows[count + wrong, 1] = b, n * s_len + s
@@ -466,6 +468,8 @@ def chunk(scores, x, reset, noise,
         # Decoder: normalized delta rule on the prediction made at t-1 (learn_decoder), on the
         # predicted columns' weights only.
         for b in range(b_len):
+            if diverted[b] > 0:
+                continue  # a known context's prediction teaches the decoder nothing (learning.py)
             total = np.float32(0.0)
             for c in range(c_len):
                 total += predicted_columns[b, c]

@@ -45,9 +45,12 @@ class PredictiveHebbian:
       below 0.85 (docs/results.md). `grow_predicted` lets segments that predicted correctly
       grow too (HTM's rule): after a burst they then also reach the union of the burst's
       predicted cells, which spreads one context into another.
-    - matching segments of cells in columns that did not become active are weakened by
+    - active segments of cells in columns that did not become active are weakened by
       `predicted_decrement` when the context at t-1 was itself predicted: a confident
-      prediction that failed. A context that burst predicts the union of everything that ever
+      prediction that failed. In a known context (`TemporalMemory.predict`) only the cells
+      its winners predicted count: the others that fired are another context's, right or
+      wrong in their own (on the high-order task a shared middle's connected ending was cut
+      each time the other sequence ran along it). A context that burst predicts the union of everything that ever
       followed it, and most of that union is wrong every time (a symbol followed by several
       others, or by noise); its segments fade by `burst_decrement`, 0 by default: a burst
       fires every cell of its columns, so any decrement there also wears down the links of
@@ -64,9 +67,12 @@ class PredictiveHebbian:
       mapping, column code -> input, seen at every step): a column then decodes to its input
       from the first time it is active, not from the first time it is predicted right (on
       the high-order task elements to 95% 1,118 -> 1,074, recovery 1,204 -> 1,119, stack
-      alone, seeds 0-5). Its bias (the mean input) is learned only with `decoder_bias`: it adds a frequency
-      prior that, on the high-order task with two possible endings, outranked the two
-      predicted endings (top-2 accuracy 0.71 with it, 0.86 without, 10,000 elements).
+      alone, seeds 0-5). It does not learn from a known context's prediction (its winners'
+      recall or the burst's union): the input that follows is this context's, and the pair
+      would teach it that another context's columns mean it. Its bias (the mean input) is
+      learned only with `decoder_bias`: it adds a frequency prior that, on the high-order
+      task with two possible endings, outranked the two predicted endings (top-2 accuracy
+      0.71 with it, 0.86 without, 10,000 elements).
     - the feedforward map moves each active column's weights toward its input (competitive
       learning) at `feedforward_rate` (0: the column code stays fixed).
     - a new segment takes its cell's least recently learned slot, where a segment with a
@@ -142,7 +148,11 @@ class PredictiveHebbian:
 
         # Wrong predictions: segments that predicted a cell of a column that stayed inactive.
         inactive_cells = (~step.columns).repeat_interleave(m, dim=1).unsqueeze(-1)
-        wrong = ((prev["active_overlap"] >= layer.activation_threshold) & inactive_cells).view(b, -1)
+        wrong = (prev["active_overlap"] >= layer.activation_threshold) & inactive_cells
+        # In a known context the cells that fired beside what its winners predict belong to
+        # other contexts (a burst's union): their failure says nothing against them.
+        own = torch.where((prev["diverted"] > 0).unsqueeze(-1), prev["context_predicted"] > 0, True)
+        wrong = (wrong & own.unsqueeze(-1)).view(b, -1)
 
         learning = learning.view(b, -1)
         self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
@@ -215,7 +225,12 @@ class PredictiveHebbian:
 
     def learn_decoder(self, layer: TemporalMemory, step: LayerStep) -> None:
         prev = step.prev
-        scaled = self.delta_rule(layer, prev["predicted_columns"], step.x - prev["prediction"], self.decoder_rate)
+        # Not from a known context's prediction: it is other contexts' (a burst's union) or links
+        # seen once, and what follows is this context's input; learning that pair teaches the
+        # decoder that other contexts' columns mean this input (the same reason as `own` above).
+        settled = (prev["diverted"] == 0).to(step.x.dtype).unsqueeze(-1)
+        error = (step.x - prev["prediction"]) * settled
+        scaled = self.delta_rule(layer, prev["predicted_columns"] * settled, error, self.decoder_rate)
         if self.decoder_bias:
             layer.decoder.bias.data += scaled.sum(0)
         if self.decoder_code_rate > 0:  # the current input from the active columns

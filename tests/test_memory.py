@@ -475,8 +475,9 @@ def test_the_decoder_learns_the_input_of_the_active_columns(fused, code_rate):
     if code_rate:
         assert error < 0.4  # each symbol's columns already decode to it
     else:
-        # Nothing was predicted (connected); only what the second pass recalled taught it (0.75).
-        assert error > 0.6
+        # Nothing was predicted (connected), and a known context's recall teaches it nothing
+        # (test_the_decoder_does_not_learn_from_a_known_contexts_prediction): it is still zero.
+        assert error == 1.0
 
 
 @pytest.mark.parametrize("learning, recall", [("local", True), ("hybrid", True), ("backprop", False)])
@@ -500,3 +501,57 @@ def test_recall_can_be_turned_off_in_both_paths():
     for recall in (True, False):  # the decoder's sums run in another order in the kernel
         torch.testing.assert_close(prediction[recall, False], prediction[recall, True], rtol=1e-5, atol=1e-5)
     assert (prediction[True, False] - prediction[False, False]).abs().max() > 0.1  # the 2nd pass recalls
+
+
+@pytest.mark.parametrize(
+    "diverted, context_cells, weakened",
+    [
+        (0.0, [], True),  # a settled context: its failed prediction is weakened
+        (1.0, [], False),  # a known context on other cells: 16, 20 belong to the old one
+        (1.0, [16, 20], True),  # ... unless its own winners predicted them too
+    ],
+)
+def test_a_known_context_does_not_weaken_the_predictions_of_other_contexts_cells(diverted, context_cells, weakened):
+    # At t-1 columns 2, 3 fired the old context's cells 8, 12 and (diverted) learned on new
+    # winners 9, 13; 8 and 12 made cells 16, 20 predict columns 4, 5. Column 6 comes instead.
+    layer = layer_with_an_old_context()
+    prev = layer.initial_state(1)
+    prev["cells"][0, [8, 12]] = 1.0
+    prev["winners"][0, [9, 13]] = 1.0
+    prev["active_overlap"][0, [16, 20], 0] = 2.0
+    prev["diverted"].fill_(diverted)
+    prev["context_predicted"][0, context_cells] = 1.0
+    columns = torch.zeros(1, 8, dtype=torch.bool)
+    columns[0, 6] = True
+    cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
+    cells[0, 24:28], winners[0, 24] = 1.0, True
+    step = LayerStep(
+        x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=columns, novel=columns,
+        cells=cells, winners=winners, matched=torch.zeros_like(columns), anomaly=torch.ones(1),
+    )
+    build("local", new_synapses=2, fused=False).update(layer, step)
+    expected = 0.6 - 0.08 if weakened else 0.6  # predicted_decrement (the context at t-1 was predicted)
+    assert layer.segments.permanence[[16 * 2, 20 * 2], :2].flatten().tolist() == pytest.approx([expected] * 4)
+
+
+@pytest.mark.parametrize("diverted", [0.0, 1.0, 2.0])
+def test_the_decoder_does_not_learn_from_a_known_contexts_prediction(diverted):
+    # A known context's prediction is its winners' recall or the burst's union (other
+    # contexts'); the input that follows is this context's, so the pair teaches nothing.
+    layer = layer_with_an_old_context()
+    prev = layer.initial_state(1)
+    prev["predicted_columns"][0, 4] = 1.0
+    prev["diverted"].fill_(diverted)
+    step = LayerStep(
+        x=torch.ones(1, 8), prev=prev, columns=torch.zeros(1, 8, dtype=torch.bool),
+        bursting=torch.zeros(1, 8, dtype=torch.bool), novel=torch.zeros(1, 8, dtype=torch.bool),
+        cells=torch.zeros(1, 32), winners=torch.zeros(1, 32, dtype=torch.bool),
+        matched=torch.zeros(1, 8, dtype=torch.bool), anomaly=torch.zeros(1),
+    )
+    build("local", new_synapses=2, fused=False, decoder_code_rate=0.0).update(layer, step)
+    learned = layer.decoder.weight[:, 4]
+    if diverted:
+        assert learned.abs().sum() == 0
+    else:
+        assert learned.tolist() == pytest.approx([0.25] * 8)  # error 1 x rate 0.5 / (1 column + 1)
+
