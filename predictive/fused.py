@@ -60,6 +60,7 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
         kw.k if kw.training else kw.k_inference, layer.k, layer.cells_per_column, seg.num_segments,
         layer.activation_threshold, layer.matching_threshold, hebbian.new_synapses, hebbian.grow_predicted,
         hebbian.decoder_bias, kw.training, kw.duty_cycle_period, layer.recall, hebbian.connected_grace,
+        layer.fresh_steps,
     ], dtype=np.int64)
     rates = np.array([
         seg.connected_permanence, hebbian.permanence_increment, hebbian.permanence_decrement,
@@ -231,7 +232,7 @@ def chunk(scores, x, reset, noise,
     k_select, k, m, s_len = settings[0], settings[1], settings[2], settings[3]
     act_thr, match_thr, new_synapses = settings[4], settings[5], settings[6]
     grow_predicted, decoder_bias, training, period_max = settings[7] > 0, settings[8] > 0, settings[9] > 0, settings[10]
-    recall_on, grace = settings[11] > 0, settings[12]
+    recall_on, grace, fresh_steps = settings[11] > 0, settings[12], settings[13]
     conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor, code_rate = (
         rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8], rates[9])
     g_len = n_len * s_len
@@ -257,6 +258,7 @@ def chunk(scores, x, reset, noise,
     pot_buf = np.empty(g_len, dtype=np.float32)
     known = np.zeros(b_len, dtype=np.bool_)
     recall = np.zeros(n_len, dtype=np.bool_)  # cells the winners of a known context predict or match
+    once = np.zeros(n_len, dtype=np.bool_)  # fired cells' links that match without connecting
     had_winners = np.zeros(b_len, dtype=np.bool_)  # a stream had winners at t-1
     scaled = np.empty(d_len, dtype=np.float32)
     code_error = np.empty((b_len, d_len), dtype=np.float32)
@@ -511,13 +513,16 @@ def chunk(scores, x, reset, noise,
             matching_columns[b] = 0.0
             for n in range(n_len):
                 top = np.float32(0.0)
+                once[n] = False
                 for s in range(s_len):
                     active_overlap[b, n, s] = conn_buf[n * s_len + s]
                     potential_overlap[b, n, s] = pot_buf[n * s_len + s]
                     top = max(top, conn_buf[n * s_len + s])
                     if pot_buf[n * s_len + s] >= match_thr:
                         matching_columns[b, n // m] = 1.0
+                        once[n] |= fresh_steps > 0 and last_learned[n * s_len + s] >= counters[0] - fresh_steps
                 predicted[b, n] = 1.0 if top >= act_thr else 0.0
+                once[n] &= predicted[b, n] == 0
                 context_predicted[b, n] = predicted[b, n]
                 predicted_out[b, t, n] = predicted[b, n]
             recalled = False
@@ -533,6 +538,10 @@ def chunk(scores, x, reset, noise,
                     context_predicted[b, n] = 1.0 if top >= act_thr else 0.0
                     recall[n] = top >= act_thr or top_potential >= match_thr
                     recalled |= recall[n] and recall_on
+                if recall_on and not recalled:  # new winners: the fired cells' links seen once (seen_once)
+                    for n in range(n_len):
+                        recall[n] = once[n]
+                        recalled |= once[n]
             diverted[b] = 2.0 if through_burst else 1.0 if known[b] else 0.0
             for c in range(c_len):  # a known context's recall stands in for the burst's union
                 top = np.float32(0.0)

@@ -75,6 +75,10 @@ class TemporalMemory(nn.Module):
             False: the burst's union, both times. Segments that only a gradient trains are
             random and recall nothing, so the learning rule turns it off for them
             (`LearningRule.check`).
+        fresh_steps: when a known context's winners recall nothing (new cells: a split laid
+            down on this pass), it recalls the links of the cells that fired which match
+            without connecting and were learned within this many steps: a continuation seen
+            once, lately; a link that faded after the stream changed is older. 0: off.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class TemporalMemory(nn.Module):
         first_order_fallback: bool = False,
         soft_kwta: float = 0.0,
         recall: bool = True,
+        fresh_steps: int = 300,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -114,6 +119,9 @@ class TemporalMemory(nn.Module):
         self.soft_kwta = soft_kwta
         check_flags(first_order_fallback=first_order_fallback, recall=recall)
         self.recall = recall
+        if isinstance(fresh_steps, bool) or not isinstance(fresh_steps, int) or fresh_steps < 0:
+            raise ValueError(f"fresh_steps must be an integer >= 0, got {fresh_steps!r}")
+        self.fresh_steps = fresh_steps
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -274,6 +282,7 @@ class TemporalMemory(nn.Module):
         known = carried | through_burst
         matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
         predicted_columns = column_activity(predicted, self.cells_per_column)
+        fired_potential = potential  # a known context's winners replace it below
         if known.any():
             with torch.no_grad():
                 winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
@@ -284,10 +293,15 @@ class TemporalMemory(nn.Module):
                 # A known context *recalls* what followed it: the decoded prediction is the
                 # columns its winners' segments match (connected or not) rather than the
                 # burst's union, so a context seen once is predicted right when it comes again,
-                # a pass before its links connect. Forward values only: the gradient is the union's.
+                # a pass before its links connect; winners that recall nothing yet recall the
+                # fired cells' fresh links (`seen_once`). Forward values only: the gradient is the union's.
                 matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
                 recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
-                recalled = (known & (recalled_columns > 0).any(-1)).unsqueeze(-1)
+                recalled = known & (recalled_columns > 0).any(-1)
+                once_columns = self.seen_once(fired_potential, predicted.detach())
+                once_only = known & ~recalled & (once_columns > 0).any(-1)
+                recalled_columns = torch.where(once_only.unsqueeze(-1), once_columns, recalled_columns)
+                recalled = (recalled | once_only).unsqueeze(-1)
                 predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
                                                 predicted_columns)
         return {
@@ -304,6 +318,19 @@ class TemporalMemory(nn.Module):
             "prediction": self.decode(predicted_columns),
             "anomaly": step.anomaly.detach(),
         }
+
+    def seen_once(self, potential: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+        """(B, C) columns of the cells that `potential` (B, N, S) matches, that are not
+        `predicted` (B, N), through a segment learned within `fresh_steps` steps.
+
+        Winners that recall nothing are new cells (a split laid down on this pass). A context
+        that first ran along another one's cells learned its continuation there, seen once,
+        while their connected links are the other context's: a known context recalls that."""
+        if self.fresh_steps == 0:
+            return predicted.new_zeros(predicted.shape[0], self.columns)
+        fresh = self.segments.last_learned.view(1, self.output_size, -1) >= self.learning_steps - self.fresh_steps
+        once = ((potential >= self.matching_threshold) & fresh).any(-1) & (predicted == 0)
+        return column_activity(once.to(predicted.dtype), self.cells_per_column)
 
     def decode(self, predicted_columns: torch.Tensor) -> torch.Tensor:
         """The predicted columns (B, C) decoded into input space (B, D). Without gradients only

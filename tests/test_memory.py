@@ -173,6 +173,8 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(soft_kwta=-1.0), "soft_kwta"),
         (dict(recall="no"), "recall must be true or false, got 'no'"),
         (dict(first_order_fallback=1), "first_order_fallback must be true or false"),
+        (dict(fresh_steps=-1), "fresh_steps must be an integer >= 0"),
+        (dict(fresh_steps=1.5), "fresh_steps must be an integer >= 0"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(settings, name):
@@ -555,3 +557,40 @@ def test_the_decoder_does_not_learn_from_a_known_contexts_prediction(diverted):
     else:
         assert learned.tolist() == pytest.approx([0.25] * 8)  # error 1 x rate 0.5 / (1 column + 1)
 
+
+@pytest.mark.parametrize(
+    "fresh_steps, learned_ago, predicted_columns",
+    [
+        (300, 10, [6, 7]),  # a continuation seen once, lately, on the fired cells: recalled
+        (300, 400, [4, 5]),  # a link that faded long ago is not: the burst's union stands
+        (0, 10, [4, 5]),  # off
+    ],
+)
+def test_a_known_context_on_new_cells_recalls_the_fired_cells_fresh_links(fresh_steps, learned_ago, predicted_columns):
+    # Columns 2, 3 fire the old context's cells 8, 12 (connected onward to 16, 20: columns 4,
+    # 5) but the context is known and learns on new winners 9, 13, which recall nothing yet.
+    # Cells 24, 28 (columns 6, 7) hold a link onto 8, 12 seen once (0.45, matching only):
+    # what this context learned when it first ran along the old one's cells.
+    layer = layer_with_an_old_context()
+    layer.fresh_steps = fresh_steps
+    seg = layer.segments
+    with torch.no_grad():
+        layer.learning_steps.fill_(1000)
+        for cell in (24, 28):
+            seg.presynaptic[cell * 2, :2] = torch.tensor([8, 12])
+            seg.permanence[cell * 2, :2] = 0.45
+            seg.last_learned[cell * 2] = 1000 - learned_ago
+    prev = layer.initial_state(1)
+    prev["diverted"].fill_(1.0)
+    columns = torch.zeros(1, 8, dtype=torch.bool)
+    columns[0, 2:4] = True
+    cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
+    cells[0, [8, 12]], winners[0, [9, 13]] = 1.0, True
+    step = LayerStep(
+        x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=torch.zeros_like(columns), novel=columns,
+        cells=cells, winners=winners, matched=torch.zeros_like(columns), anomaly=torch.zeros(1),
+    )
+    state = layer.predict(step)
+    assert state["diverted"].tolist() == [1.0]  # known: carried on by the new winners
+    assert state["predicted"][0].nonzero().flatten().tolist() == [16, 20]  # the connected links
+    assert state["predicted_columns"][0].nonzero().flatten().tolist() == predicted_columns
