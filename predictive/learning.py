@@ -281,9 +281,14 @@ class LearningRule:
         """Before any training: raise ValueError if the rule cannot train `model`, and give
         the layers that learn by gradient alone random initial synapses (an empty segment has
         no gradient to grow from) and no recall (random synapses recall nothing,
-        `TemporalMemory.predict`)."""
+        `TemporalMemory.predict`). A layer whose decoder the gradient trains does not recall
+        links seen once (`TemporalMemory.fresh_steps`): the gradient teaches its decoder
+        whatever columns the forward pass decodes, and on the high-order task (hybrid,
+        seeds 0-2) final accuracy fell 0.973 -> 0.944 and recovery rose 1,149 -> 1,870."""
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
+            if not self.is_local(i):
+                layer.fresh_steps = 0
             if not self.is_local(i) and not self.grows_segments:
                 layer.recall = False
                 if not (layer.segments.last_learned >= 0).any():
