@@ -50,14 +50,14 @@ class PredictiveHebbian:
       prediction that failed. In a known context (`TemporalMemory.predict`) only the cells
       its winners predicted count: the others that fired are another context's, right or
       wrong in their own (on the high-order task a shared middle's connected ending was cut
-      each time the other sequence ran along it). A context that burst predicts the union of everything that ever
-      followed it, and most of that union is wrong every time (a symbol followed by several
-      others, or by noise); its segments fade by `burst_decrement`, 0 by default: a burst
-      fires every cell of its columns, so any decrement there also wears down the links of
-      contexts that are right, each time their symbol bursts somewhere else. On the
-      high-order task 0.03 kept a sequence's ending from connecting until the other
-      sequences stopped bursting (elements to 95% 1,349 -> 1,218 at 0, two endings 0.970 ->
-      1.000, seeds 0-2).
+      each time the other sequence ran along it). A context that burst predicts the union
+      of everything that ever followed it, and most of that union is wrong every time (a
+      symbol followed by several others, or by noise); its segments fade by
+      `burst_decrement`, 0 by default: a burst fires every cell of its columns, so any
+      decrement there also wears down the links of contexts that are right, each time
+      their symbol bursts somewhere else. On the high-order task 0.03 kept a sequence's
+      ending from connecting until the other sequences stopped bursting (elements to 95%
+      1,349 -> 1,218 at 0, two endings 0.970 -> 1.000, seeds 0-2).
       With `permanence_increment` 0.12 and `predicted_decrement` 0.08 a context followed by
       either of two symbols keeps both (+0.12 half the time, -0.08 the other half), and a
       continuation that stopped coming fades in about six occurrences: on the high-order
