@@ -192,6 +192,11 @@ class ConvNet(nn.Module):
     def output_size(self) -> int:
         return self.hidden or self.channels * (self.bins >> self.layers)
 
+    def check_rule(self, rule: LearningRule) -> None:
+        """Called by `LearningRule.check` before training: the CNN learns by gradient only."""
+        if rule.is_local(0):
+            raise ValueError("model=cnn has no local learning rule: use learning=backprop or learning=hybrid")
+
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {"history": torch.zeros(batch_size, self.history, self.input_size, device=device)}
 
@@ -207,8 +212,7 @@ class ConvNet(nn.Module):
         """x: (B, T, D); reset: (B, T) bool or None (only at t = 0: a clip or stream starts)."""
         check_input(x, self.input_size)
         rule = learning or Backprop()
-        if rule.is_local(0):
-            raise ValueError("model=cnn has no local learning rule: use learning=backprop or learning=hybrid")
+        self.check_rule(rule)
         history = state["history"]
         if reset is not None:
             if reset[:, 1:].any():

@@ -284,7 +284,10 @@ class LearningRule:
         `TemporalMemory.predict`). A layer whose decoder the gradient trains does not recall
         links seen once (`TemporalMemory.fresh_steps`): the gradient teaches its decoder
         whatever columns the forward pass decodes, and on the high-order task (hybrid,
-        seeds 0-2) final accuracy fell 0.973 -> 0.944 and recovery rose 1,149 -> 1,870."""
+        seeds 0-2) final accuracy fell 0.973 -> 0.944 and recovery rose 1,149 -> 1,870. A model
+        that cannot learn by a rule says so in its `check_rule` (the CNN, under local)."""
+        if hasattr(model, "check_rule"):
+            model.check_rule(self)
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
             if not self.is_local(i):

@@ -41,6 +41,9 @@ def test_cnn_learns_by_gradient_only_and_rejects_impossible_settings():
     assert hybrid.local_loss > 0  # the next-input loss hybrid adds
     with pytest.raises(ValueError, match="model=cnn has no local learning rule"):
         cnn(x, cnn.initial_state(2), learning=build("local"))
+    with pytest.raises(ValueError, match="model=cnn has no local learning rule"):
+        build("local").check(cnn)  # before any training (PredictiveModule calls it)
+    build("hybrid").check(cnn)
     reset = torch.zeros(2, 10, dtype=torch.bool)
     reset[:, 5] = True
     with pytest.raises(ValueError, match="reset after the first step"):
