@@ -229,8 +229,8 @@ class PredictiveHebbian:
         # seen once, and what follows is this context's input; learning that pair teaches the
         # decoder that other contexts' columns mean this input (the same reason as `own` above).
         settled = (prev["diverted"] == 0).to(step.x.dtype).unsqueeze(-1)
-        error = (step.x - prev["prediction"]) * settled
-        scaled = self.delta_rule(layer, prev["predicted_columns"] * settled, error, self.decoder_rate)
+        error = (step.x - prev["prediction"]) * settled  # zero error: no weight or bias moves
+        scaled = self.delta_rule(layer, prev["predicted_columns"], error, self.decoder_rate)
         if self.decoder_bias:
             layer.decoder.bias.data += scaled.sum(0)
         if self.decoder_code_rate > 0:  # the current input from the active columns
@@ -290,9 +290,10 @@ class LearningRule:
             model.check_rule(self)
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
-            if not self.is_local(i):
-                layer.fresh_steps = 0
-            if not self.is_local(i) and not self.grows_segments:
+            if self.is_local(i):
+                continue
+            layer.fresh_steps = 0
+            if not self.grows_segments:
                 layer.recall = False
                 if not (layer.segments.last_learned >= 0).any():
                     layer.segments.randomize()

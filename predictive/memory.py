@@ -298,10 +298,13 @@ class TemporalMemory(nn.Module):
                 matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
                 recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
                 recalled = known & (recalled_columns > 0).any(-1)
-                once_columns = self.seen_once(fired_potential, predicted.detach())
-                once_only = known & ~recalled & (once_columns > 0).any(-1)
-                recalled_columns = torch.where(once_only.unsqueeze(-1), once_columns, recalled_columns)
-                recalled = (recalled | once_only).unsqueeze(-1)
+                once_only = known & ~recalled
+                if once_only.any():  # only winners that recall nothing look at the fired cells' links
+                    once_columns = self.seen_once(fired_potential, predicted.detach())
+                    once_only &= (once_columns > 0).any(-1)
+                    recalled_columns = torch.where(once_only.unsqueeze(-1), once_columns, recalled_columns)
+                    recalled = recalled | once_only
+                recalled = recalled.unsqueeze(-1)
                 predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
                                                 predicted_columns)
         return {
