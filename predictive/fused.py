@@ -53,7 +53,6 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
                torch.zeros(b, t_len)]
     reset = torch.zeros(b, t_len, dtype=torch.bool) if reset is None else reset.contiguous()
     kw = layer.kwinners
-    decoder_t = layer.decoder.weight.detach().t().contiguous()  # (C, D): a column's weights in a row
     counters = torch.stack([layer.learning_steps, kw.learning_iterations])
     boost = kw.boost_strength.view(1).clone()
     settings = np.array([
@@ -70,10 +69,9 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     chunk(
         scores.numpy(), x.numpy(), reset.numpy(), noise.numpy(), *(state[k].numpy() for k in STATE),
         *(o.numpy() for o in outputs), seg.permanence.detach().numpy(), seg.presynaptic.numpy(),
-        seg.last_learned.numpy(), decoder_t.numpy(), layer.decoder.bias.detach().numpy(),
+        seg.last_learned.numpy(), layer.decoder_rows.detach().numpy(), layer.decoder.bias.detach().numpy(),
         kw.duty_cycle.numpy(), boost.numpy(), counters.numpy(), settings, rates,
     )
-    layer.decoder.weight.data.copy_(decoder_t.t())
     layer.learning_steps.copy_(counters[0])
     kw.learning_iterations.copy_(counters[1])
     kw.boost_strength.copy_(boost[0])

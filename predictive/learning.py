@@ -245,7 +245,7 @@ class PredictiveHebbian:
         scaled = error * (rate / (columns.sum(-1, keepdim=True) + 1.0)) / error.shape[0]
         used = columns.any(0).nonzero().squeeze(1)
         if used.numel():
-            layer.decoder.weight.data.index_add_(1, used, scaled.t() @ columns.index_select(1, used))
+            layer.decoder_rows.data.index_add_(0, used, columns.index_select(1, used).t() @ scaled)
         return scaled
 
     def learn_feedforward(self, layer: TemporalMemory, step: LayerStep) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from predictive.dendrites import DistalSegments, straight_through
 from predictive.sparse import KWinners, SparseLinear, check_flags, check_positive, resolve_count
@@ -29,6 +30,19 @@ def column_activity(cells: torch.Tensor, cells_per_column: int) -> torch.Tensor:
     """(..., C * M) cell activity -> (..., C): each column's strongest cell (a column is
     active, or predicted, when any of its cells is)."""
     return cells.unflatten(-1, (-1, cells_per_column)).amax(-1)
+
+
+class ColumnRows(nn.Module):
+    """Parametrization that stores a decoder's weight (D, C) transposed, as (C, D): each
+    column's decoding in one contiguous row. The local rules read and write the rows of a
+    few columns at a time, and `predictive.fused` works on them in place, where the (D, C)
+    layout cost two full transposed copies per chunk. `weight` stays nn.Linear's (D, C), a view."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t()
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t().contiguous()
 
 
 @dataclass
@@ -126,6 +140,7 @@ class TemporalMemory(nn.Module):
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
         self.decoder = nn.Linear(columns, input_size)
+        parametrize.register_parametrization(self.decoder, "weight", ColumnRows())
         self.register_buffer("learning_steps", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
@@ -133,12 +148,17 @@ class TemporalMemory(nn.Module):
     def output_size(self) -> int:
         return self.columns * self.cells_per_column
 
+    @property
+    def decoder_rows(self) -> nn.Parameter:
+        """The decoder's weights as stored, (C, D): column c decodes to row c (`ColumnRows`)."""
+        return self.decoder.parametrizations.weight.original
+
     def reset_parameters(self) -> None:
         self.feedforward.reset_parameters()
         self.kwinners.reset_parameters()
         self.segments.reset_parameters()
         with torch.no_grad():
-            self.decoder.weight.zero_()  # predicts nothing until it has seen something
+            self.decoder_rows.zero_()  # predicts nothing until it has seen something
             self.decoder.bias.zero_()
         self.learning_steps.zero_()
 
@@ -338,11 +358,11 @@ class TemporalMemory(nn.Module):
     def decode(self, predicted_columns: torch.Tensor) -> torch.Tensor:
         """The predicted columns (B, C) decoded into input space (B, D). Without gradients only
         the few predicted columns' weights are read, instead of a full matrix product."""
-        if torch.is_grad_enabled() and (predicted_columns.requires_grad or self.decoder.weight.requires_grad):
+        if torch.is_grad_enabled() and (predicted_columns.requires_grad or self.decoder_rows.requires_grad):
             return self.decoder(predicted_columns)
         used = predicted_columns.any(0).nonzero().squeeze(1)
-        weight = self.decoder.weight.index_select(1, used)  # (D, used)
-        return torch.addmm(self.decoder.bias, predicted_columns.index_select(1, used), weight.t())
+        rows = self.decoder_rows.index_select(0, used)  # (used, D)
+        return torch.addmm(self.decoder.bias, predicted_columns.index_select(1, used), rows)
 
     def soft_threshold(self, overlap: torch.Tensor) -> torch.Tensor:
         """1 where overlap >= activation_threshold (forward), sigmoid slope for the gradient."""
