@@ -102,11 +102,21 @@ class PredictiveModule(L.LightningModule):
             self.trainer.datamodule.position += 1  # this chunk is learned: a resume starts after it
         if self.trainer.world_size > 1:
             self.average_model()
-        self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
-                       "train/local_loss": out.local_loss.detach().float()}, prog_bar=True)
-        if self.task.streaming and (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_task_metrics("train")  # the prequential curve, as it goes
+        if self.logging_step():
+            self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
+                           "train/local_loss": out.local_loss.detach().float()}, prog_bar=True)
+            if self.task.streaming:
+                self.log_task_metrics("train")  # the prequential curve, as it goes
         return loss.detach()
+
+    def logging_step(self) -> bool:
+        """Is this a batch whose step values Lightning writes (every `log_every_n_steps`), or an
+        epoch's last (its values are the run's final ones, in summary.json)? Values logged at
+        other batches are dropped, and each `log` call costs about 0.4 ms on a CPU (some 20 us
+        per element of a 50-element chunk on the sequence task). One optimizer step per batch:
+        after it, global_step is the number of batches done, this one included."""
+        every = self.trainer.log_every_n_steps
+        return self.trainer.is_last_batch or (bool(every) and self.trainer.global_step % every == 0)
 
     def on_train_epoch_end(self):
         self.log_task_metrics("train")

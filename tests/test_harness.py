@@ -116,6 +116,24 @@ def test_local_run(local_run):
     assert ckpt["stream_state"] is not None
 
 
+def test_step_values_are_logged_when_lightning_writes_them_and_at_the_end(tmp_path, local_run):
+    # The module logs the loss only at the batches Lightning writes (every log_every_n_steps)
+    # and at the last one: the logger gets the same rows, the summary the final loss.
+    out, summary = local_run  # every batch logged (log_every_n_steps=1)
+    every3 = train.train(config(tmp_path, "learning=local", "trainer.log_every_n_steps=3"))
+    assert every3["train/loss"] == summary["train/loss"]
+
+    def rows(path):
+        lines = (path / "csv" / "metrics.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+    written = [r for r in rows(tmp_path) if r["train/loss"]]
+    assert [r["step"] for r in written] == ["2"]  # batch 3 of 4
+    reference = {r["step"]: r for r in rows(out) if r["train/loss"]}
+    assert len(reference) == 4 and written[0] == reference["2"]
+
+
 def test_the_printed_headline_has_the_task_figures_and_counts():
     summary = {"seed": 0, "final_accuracy": 0.99947, "elements_to_95": 1031, "recovery_elements": None,
                "train/loss": 0.5, "fused": True, "us_per_element": 196.13}
