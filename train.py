@@ -56,8 +56,10 @@ def train(cfg: DictConfig) -> dict:
     summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
                                                 "model": choices.model, "seed": cfg.seed})
     logger = build(cfg.logger, "logger") if cfg.logger else False
-    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=[build(cfg.checkpoint, "checkpoint"), summary],
-                    default_root_dir=cfg.paths.output_dir)
+    callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(build(cfg.progress_bar, "progress_bar"))
+    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir)
     datamodule = task.datamodule(rank=trainer.global_rank)  # under DDP each rank its own streams
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
