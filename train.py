@@ -9,6 +9,7 @@ Outputs go to the Hydra run dir (outputs/<task>/<time>/): .hydra/config.yaml, ch
 summary.json, logs. Resume with `ckpt_path=<run dir>/checkpoints/last.ckpt` (and the same overrides).
 """
 
+import gc
 import os
 
 import hydra
@@ -63,7 +64,14 @@ def train(cfg: DictConfig) -> dict:
     datamodule = task.datamodule(rank=trainer.global_rank)  # under DDP each rank its own streams
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # The objects built so far (torch, Lightning, Hydra, the model) live through training: left
+    # out of the collector's full passes, which took 0.2 s each on the sequence task. Unfrozen
+    # after, so that a multirun's finished jobs are collected.
+    gc.freeze()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        gc.unfreeze()
     if cfg.test and is_overridden("test_dataloader", datamodule):
         trainer.test(module, datamodule=datamodule)
     if isinstance(logger, WandbLogger):

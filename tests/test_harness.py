@@ -1,6 +1,7 @@
 """The training harness: configs compose, runs write what they promise, resume is exact, bad
 settings fail early, wandb stays offline under the run dir, a multirun writes a comparison."""
 
+import gc
 import json
 import math
 import os
@@ -114,6 +115,7 @@ def test_local_run(local_run):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["ArrayStreams"]["position"] == 4  # the datamodule's stream position
     assert ckpt["stream_state"] is not None
+    assert gc.get_freeze_count() == 0  # frozen for training only: a multirun's finished jobs are collected
 
 
 def test_step_values_are_logged_when_lightning_writes_them_and_at_the_end(tmp_path, local_run):
