@@ -13,6 +13,7 @@ run continues exactly where it stopped (the stream position is the datamodule's,
 `tasks.base.StreamDataModule`).
 """
 
+import io
 import random
 import warnings
 from typing import Callable
@@ -20,6 +21,7 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 # Checkpoints are taken after the optimizer step on purpose: together with the stream position
@@ -169,12 +171,17 @@ class PredictiveModule(L.LightningModule):
                 tensors[name].copy_(t)
 
     def on_save_checkpoint(self, checkpoint: dict):
-        checkpoint["stream_state"] = self.stream_state
-        checkpoint["task_state"] = self.task.state_dict()
-        checkpoint["rng"] = get_rng_state()
+        # On the CPU: gathered from another process, a CUDA tensor would land on that one's device.
+        streams = None if self.stream_state is None else {k: v.cpu() for k, v in self.stream_state.items()}
+        own = {"stream_state": streams, "task_state": self.task.state_dict(), "rng": get_rng_state()}
+        checkpoint.update(own)
         checkpoint["time_steps"] = self.time_steps
+        if self.trainer.world_size > 1:  # DDP: every process has its own streams, metrics and RNG
+            checkpoint["ranks"] = gather_objects(own)
 
     def on_load_checkpoint(self, checkpoint: dict):
+        if self.task.streaming and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint = self.own_streams(checkpoint)
         state = checkpoint.get("stream_state")
         if state is not None:  # a state from another model or version would fail mid-step
             expected = set(self.model.initial_state(1))
@@ -187,6 +194,17 @@ class PredictiveModule(L.LightningModule):
         self.task.load_state_dict(checkpoint.get("task_state", {}))
         self._rng_to_restore = checkpoint.get("rng")
         self.time_steps = checkpoint.get("time_steps", 0)
+
+
+    def own_streams(self, checkpoint: dict) -> dict:
+        """A resumed streaming run continues each process's own streams, metrics and RNG, so
+        the checkpoint must come from as many processes as this run has."""
+        ranks, world = checkpoint.get("ranks"), self.trainer.world_size
+        saved = 1 if ranks is None else len(ranks)
+        if saved != world:
+            raise ValueError(f"the checkpoint holds the streams of {saved} process(es), this run has {world}: "
+                             "resume with the devices and nodes it was saved with")
+        return checkpoint if ranks is None else {**checkpoint, **ranks[self.global_rank]}
 
 
 def check_finite(t: torch.Tensor, what: str | Callable[[], str]):
@@ -204,6 +222,16 @@ def detach(x):
     if hasattr(x, "__dataclass_fields__"):
         return type(x)(**{k: detach(getattr(x, k)) for k in x.__dataclass_fields__})
     return x
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj` (what a checkpoint may hold), in rank order, on every process.
+    Sent as torch.save bytes: all_gather_object's own pickling of tensors fails to load."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
 
 
 def get_rng_state() -> dict:
