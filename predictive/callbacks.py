@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from predictive.module import gather_objects
+
 
 def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbLogger:
     """A WandbLogger writing under `save_dir` (the run dir). Unless `offline` or WANDB_MODE
@@ -77,6 +79,7 @@ class RunSummary(L.Callback):
         self.info = dict(info or {})
         self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
         self.fit_metrics, self.peak_memory_mb = {}, None
+        self.ranks = None  # DDP, streaming: every process's task state at the end of fit
 
     def on_train_start(self, trainer, pl_module):
         if pl_module.device.type == "cuda":
@@ -98,6 +101,8 @@ class RunSummary(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.peak_memory_mb = _peak_memory_mb(pl_module.device)
         self.fit_metrics = self.logged(trainer)  # `trainer.test` starts a fresh set
+        if trainer.world_size > 1 and pl_module.task.streaming:  # each process learned its own data
+            self.ranks = gather_objects(pl_module.task.state_dict())
         self.write(trainer, pl_module)
         self.plot_curves(trainer, pl_module)
 
@@ -114,7 +119,7 @@ class RunSummary(L.Callback):
             **self.info,
             **self.fit_metrics,
             **self.logged(trainer),
-            **pl_module.task.summary(),
+            **(pl_module.task.summary() if self.ranks is None else pl_module.task.summary(self.ranks)),
             "steps_per_second": self.batches / seconds,
             "time_steps_per_second": self.time_steps / seconds,
             "train_seconds": self.seconds,

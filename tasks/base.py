@@ -95,10 +95,12 @@ class Task(ABC):
         of each epoch. Must not reset the accumulated state (the run's final numbers are read
         again by `summary`)."""
 
-    def summary(self) -> dict:
+    def summary(self, ranks: list[dict] | None = None) -> dict:
         """Final task metrics for summary.json and the comparison report (flat dict; every
         numeric entry gets a mean +- std column across seeds), e.g. final accuracy, elements
-        to reach 95%. The module adds the last logged metrics, throughput and memory itself."""
+        to reach 95%. The module adds the last logged metrics, throughput and memory itself.
+        Streaming tasks under DDP get `ranks`, every process's `state_dict()` in rank order,
+        for figures over what all processes learned."""
         return {}
 
     def curves(self) -> dict[str, tuple[list[float], list[float]]]:

@@ -178,13 +178,11 @@ class SequenceTask(Task):
             scores = head_out.detach()[torch.as_tensor(b), torch.as_tensor(t)].float().cpu().numpy()
             self._correct[b, index[b, t] + 1] = high_order.is_correct(scores, truth, self.endings)
 
-    def _stream_summary(self, i: int) -> dict:
-        positions = np.flatnonzero(self._correct[i] >= 0)
-        s = high_order.summarize(
-            positions, self._correct[i, positions], self.length, self.streams[i].switch, self.window
-        )
-        seen = ~np.isnan(self._anomaly[i])
-        s["mean_anomaly"] = float(self._anomaly[i, seen].mean()) if seen.any() else None
+    def _stream_summary(self, correct: np.ndarray, anomaly: np.ndarray, switch: int) -> dict:
+        positions = np.flatnonzero(correct >= 0)
+        s = high_order.summarize(positions, correct[positions], self.length, switch, self.window)
+        seen = ~np.isnan(anomaly)
+        s["mean_anomaly"] = float(anomaly[seen].mean()) if seen.any() else None
         return s
 
     def compute_metrics(self, stage):
@@ -202,11 +200,19 @@ class SequenceTask(Task):
         positions = np.flatnonzero(self._correct[i] >= 0)
         return high_order.accuracy_curve(positions, self._correct[i, positions], self.length, self.window)
 
-    def summary(self):
+    def summary(self, ranks: list[dict] | None = None):
         """The issue's figures; with several streams the mean over streams plus `<key>_std`
         (a figure that is undefined in any stream is None). us_per_element is wall time per
-        element of one stream divided by the number of streams (throughput)."""
-        per_stream = [self._stream_summary(i) for i in range(len(self.streams))]
+        element of one stream divided by the number of streams (throughput). Under DDP
+        (`ranks`: every process's `state_dict`, in rank order) over every process's streams."""
+        if ranks is None:
+            ranks, streams = [self.state_dict()], [self.streams]
+        else:  # rank r learned streams seed + r B .. (datamodule)
+            streams = [self._generate(self.seed + r * len(self.streams), len(self.streams)) for r in range(len(ranks))]
+        per_stream = [
+            self._stream_summary(state["correct"][i].numpy(), state["anomaly"][i].numpy(), stream.switch)
+            for state, own in zip(ranks, streams) for i, stream in enumerate(own)
+        ]
         out = {}
         for key in per_stream[0]:
             values = [s[key] for s in per_stream]
@@ -216,8 +222,9 @@ class SequenceTask(Task):
                 continue
             out[key] = float(np.mean(values)) if defined else None
             out[f"{key}_std"] = float(np.std(values)) if defined else None
-        out["us_per_element"] = 1e6 * self._seconds / self._elements if self._elements else None
-        out["streams"] = len(self.streams)
+        elements = sum(state["elements"] for state in ranks)  # the processes ran side by side
+        out["us_per_element"] = 1e6 * max(state["seconds"] for state in ranks) / elements if elements else None
+        out["streams"] = len(per_stream)
         return out
 
     def curves(self):

@@ -19,6 +19,7 @@ def test_ddp_two_cpu_processes(tmp_path, learning):
     assert "MEMBER: 2/2" in result.stderr + result.stdout  # both processes joined the group
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["learning"] == learning and summary["steps_per_second"] > 0
+    assert summary["streams"] == 2  # one stream per process, both in the figures
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
 

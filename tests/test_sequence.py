@@ -137,6 +137,19 @@ def test_each_ddp_rank_learns_its_own_streams():
     assert all(np.array_equal(s.relabel, task.streams[0].relabel) for s in seeds_2_3)  # one task on every rank
 
 
+def test_a_ddp_summary_covers_every_process_streams():
+    # Two processes with one stream each (rank r streams seed + r) report what one process
+    # learning both streams reports; the processes' elements add up, their seconds overlap.
+    both = make(streams=2)
+    play(both, oracle(both, right=lambda index: index % 3 > 0))
+    state = both.state_dict()
+    ranks = [{**state, "correct": state["correct"][r:r + 1], "anomaly": state["anomaly"][r:r + 1],
+              "elements": state["elements"] // 2} for r in range(2)]
+    summary = make().summary(ranks)
+    assert summary == both.summary() and summary["streams"] == 2
+    assert summary["final_accuracy_std"] > 0  # the two streams were scored differently
+
+
 @pytest.mark.parametrize("relabel", ["shared", "per_stream"])
 def test_one_model_learns_several_streams_of_one_task(relabel):
     """Four streams through one layer at once: with one relabelling they are four samples of
