@@ -195,7 +195,6 @@ class PredictiveModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("rng")
         self.time_steps = checkpoint.get("time_steps", 0)
 
-
     def own_streams(self, checkpoint: dict) -> dict:
         """A resumed streaming run continues each process's own streams, metrics and RNG, so
         the checkpoint must come from as many processes as this run has."""
