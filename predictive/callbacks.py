@@ -119,7 +119,7 @@ class RunSummary(L.Callback):
             **self.info,
             **self.fit_metrics,
             **self.logged(trainer),
-            **(pl_module.task.summary() if self.ranks is None else pl_module.task.summary(self.ranks)),
+            **pl_module.task.summary(self.ranks),
             "steps_per_second": self.batches / seconds,
             "time_steps_per_second": self.time_steps / seconds,
             "train_seconds": self.seconds,

@@ -123,12 +123,15 @@ class SequenceTask(Task):
             for i in range(count)
         ]
 
+    def _rank_streams(self, rank: int) -> list[high_order.Stream]:
+        b = len(self.streams)
+        return self._generate(self.seed + rank * b, b)
+
     def datamodule(self, rank: int = 0) -> ArrayStreams:
         """Under DDP, rank r learns and scores streams seed + r B .. seed + r B + B - 1
         (relabelled as `relabel` says), so the ranks do not all learn the same streams."""
         if rank != self.rank:
-            b = len(self.streams)
-            self.rank, self.streams = rank, self._generate(self.seed + rank * b, b)
+            self.rank, self.streams = rank, self._rank_streams(rank)
         symbols = np.stack([s.symbols for s in self.streams])
         scored = np.stack([s.scored for s in self.streams])
         # The prediction made at t is of element t+1; -1 marks "no next element".
@@ -207,8 +210,8 @@ class SequenceTask(Task):
         (`ranks`: every process's `state_dict`, in rank order) over every process's streams."""
         if ranks is None:
             ranks, streams = [self.state_dict()], [self.streams]
-        else:  # rank r learned streams seed + r B .. (datamodule)
-            streams = [self._generate(self.seed + r * len(self.streams), len(self.streams)) for r in range(len(ranks))]
+        else:
+            streams = [self._rank_streams(r) for r in range(len(ranks))]
         per_stream = [
             self._stream_summary(state["correct"][i].numpy(), state["anomaly"][i].numpy(), stream.switch)
             for state, own in zip(ranks, streams) for i, stream in enumerate(own)

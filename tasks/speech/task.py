@@ -261,6 +261,7 @@ class SpeechTask(Task):
         plt.close(fig)
         (out / "confusion_test.json").write_text(json.dumps({"classes": self.classes, "matrix": cm.tolist()}))
 
-    def summary(self):
+    def summary(self, ranks: list[dict] | None = None):
+        # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
         return {k: self._results.get(k) for k in keys} | {"classes": self.classes}
