@@ -1,6 +1,6 @@
 """Glue between a run and its outputs: a wandb logger that never blocks, a checkpoint callback
 whose last.ckpt is the trained model, and the Lightning callback that measures throughput and
-memory and writes summary.json and curve plots."""
+memory and writes summary.json and curve plots, and sends the tasks' figures to wandb."""
 
 import json
 import netrc
@@ -108,6 +108,7 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self.write(trainer, pl_module)
+        log_images(trainer, pl_module.task.figures())
 
     @staticmethod
     def logged(trainer) -> dict:
@@ -152,9 +153,16 @@ class RunSummary(L.Callback):
             path = self.output_dir / f"curve_{name}.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
             plt.close(fig)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"curves/{name}", images=[str(path)])
+            log_images(trainer, {f"curves/{name}": path})
+
+
+@rank_zero_only
+def log_images(trainer, images: dict) -> None:
+    """Send image files `{key: path}` to the run's wandb loggers (the others take no images)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            for key, path in images.items():
+                logger.log_image(key=key, images=[str(path)])
 
 
 def _reset_peak_rss():

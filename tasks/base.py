@@ -109,6 +109,11 @@ class Task(ABC):
         and the logger at the end of a run; the comparison report overlays them per mode."""
         return {}
 
+    def figures(self) -> dict[str, str]:
+        """Images the task wrote at the end of a stage, `{key: path}` (e.g. a test confusion
+        matrix). RunSummary sends each to the loggers that take images (wandb) after testing."""
+        return {}
+
     def state_dict(self) -> dict:
         """Metric state a streaming task needs to resume exactly (e.g. the running accuracy
         window, the curve so far). Saved in checkpoints by the module; default: nothing."""

@@ -426,6 +426,7 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
         head_average=0.9,
     )
     assert task.classes == ["high", "low"] and task.input_size == 20 and not task.streaming
+    assert task.figures() == {}  # nothing before the test stage
     data = task.datamodule()
     data.setup()
     batch = next(iter(data.test_dataloader()))
@@ -449,6 +450,7 @@ def test_speech_task_on_a_folder_data_set(tmp_path, capsys):
     summary = task.summary()
     assert summary["test_accuracy"] == 1.0 and summary["noise_accuracy_by_level"]["0.5"] == n_high / n_test
     assert (tmp_path / "out" / "confusion_test.png").stat().st_size > 1000
+    assert task.figures() == {"test/confusion": tmp_path / "out" / "confusion_test.png"}
     assert f"speech results in {(tmp_path / 'out').resolve()}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="task.dataset"):
         SpeechTask(dataset="timit", root=tmp_path / "d")
@@ -528,7 +530,8 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
     assert summary["train/lr"] == pytest.approx(0.005)  # the last epoch's lr, logged before the step
 
 
-def test_train_py_runs_the_cnn_baseline_on_speech(tmp_path):
+def test_train_py_runs_the_cnn_baseline_on_speech_and_logs_the_confusion_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
     from test_harness import config
 
     import train
@@ -538,6 +541,10 @@ def test_train_py_runs_the_cnn_baseline_on_speech(tmp_path):
         tmp_path / "out", "task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
         "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=1", "task.deltas=true",
         "task.noise_levels=[0.0]", "model=cnn", "model.channels=8", "learning=backprop", "trainer.max_epochs=3",
-        "optimizer.lr=0.01", "logger=none", base=(),
+        "optimizer.lr=0.01", "logger=wandb", base=(),
     ))
     assert summary["model"] == "cnn" and summary["test_accuracy"] == 1.0
+    # The confusion matrix reaches wandb as an image, besides the run dir's PNG.
+    (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    images = list((run / "files" / "media" / "images" / "test").glob("confusion_*.png"))
+    assert len(images) == 1 and images[0].stat().st_size > 1000

@@ -146,6 +146,7 @@ class SpeechTask(Task):
         self._level_counts = torch.zeros(len(self.noise_levels), 2, dtype=torch.long)  # correct, total
         self._results: dict = {}
         self._computed: set[str] = set()
+        self.confusion_png = None  # written by the test stage
 
     def _background(self, sample_rate):
         """Speech Commands' `_background_noise_` recordings, joined, for augmentation."""
@@ -260,6 +261,9 @@ class SpeechTask(Task):
         fig.savefig(self.confusion_png, dpi=100)
         plt.close(fig)
         (out / "confusion_test.json").write_text(json.dumps({"classes": self.classes, "matrix": cm.tolist()}))
+
+    def figures(self):
+        return {"test/confusion": self.confusion_png} if self.confusion_png else {}
 
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
