@@ -1,0 +1,189 @@
+"""Noise robustness of the column code against dense per-frame features, head on cached features.
+
+    python benchmarks/speech_noise_codes.py                          # Speech Commands, 12 classes
+    python benchmarks/speech_noise_codes.py --preset speech_fsdd
+    python benchmarks/speech_noise_codes.py --codes kwta,kwta:noise=0.5,dense --seed 1
+
+The local model classifies a fixed random sparse code of each frame (`learning=local`,
+`feedforward_rate: 0`: feedforward map + k-WTA), pooled over the voiced span by the task's
+head. This script asks whether that code, or a variant of it, keeps more accuracy under the
+test-time noise sweep than dense features do, with everything else equal: the preset's
+features (computed once per clip, and for the test set at every noise level), the same
+pooling and a linear head trained on the clean training clips (the protocol of Ahmad &
+Scheinkman 2019: no noise, no augmentation). Codes (`name:key=value+key=value`):
+
+    kwta     the local model's code: a random map with `sparsity` zero weights, `columns`
+             columns, the `k` strongest active (`kt` at test); `noise=s` adds N(0, (s std)^2)
+             to the scores in training only (a stochastic k-WTA)
+    kmeans   the same k-WTA on cosine similarity to `columns` spherical k-means centroids of
+             training frames (a learned map)
+    linear   dense: the head on the pooled frames themselves
+    dense    dense: a ReLU layer of `columns` units per frame, trained by backprop with the head
+
+Prints test accuracy, the noise score (correct answers over the 11 levels) and its ratio to
+the `linear` code's. Figures: docs/results.md, "Speech", session 13. Minutes on a CPU.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from predictive.sparse import SparseLinear, kwinners_mask
+from tasks.speech.data import NoiseSweep
+from tasks.speech.features import frame_energy, voiced_span
+from tasks.speech.head import segment_means
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_task(preset: str, data_dir: str | None):
+    overrides = [f"experiment={preset}", "paths.output_dir=.", "task.augment.shift_ms=0", "task.augment.gain_db=0",
+                 "task.augment.noise_prob=0", "task.augment.white_noise_prob=0"]
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + ([f"paths.data_dir={data_dir}"] if data_dir else []))
+    return instantiate(cfg.task), cfg
+
+
+def encode(task, audio: torch.Tensor):
+    """(N, samples) waveforms -> (N, T, D) frames and (N, 2) voiced spans, as the task's head sees them."""
+    logmel, frames, spans = task.encoder.logmel, [], []
+    with torch.no_grad():
+        for part in audio.split(256):
+            log_mel = logmel.log_mel(part)
+            margin = logmel.context_frames
+            spans.append(voiced_span(frame_energy(log_mel), task.voiced_threshold, margin, task.voiced_range_db))
+            frames.append(logmel.features(log_mel))
+    return torch.cat(frames), torch.cat(spans)
+
+
+def cached_sets(task) -> dict:
+    """{"train", "val", "test0" .. "test10"} -> (frames, spans, labels)."""
+    data = task.datamodule()
+    data.setup()
+    sets = {s: (*encode(task, data.sets[s].audio.float() / 32768), data.sets[s].labels) for s in ("train", "val")}
+    test = data.sets["test"]
+    sweep = NoiseSweep(test, task.noise_levels, 0)
+    for level in range(len(task.noise_levels)):
+        audio = torch.stack([sweep[level * len(test) + j]["audio"] for j in range(len(test))])
+        sets[f"test{level}"] = (*encode(task, audio), test.labels)
+    return sets
+
+
+def spherical_kmeans(frames: torch.Tensor, centroids: int, seed: int, iterations: int = 15, sample: int = 60_000):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(frames[torch.randperm(len(frames), generator=g)[:sample]], dim=1)
+    centres = x[:centroids].clone()
+    for _ in range(iterations):
+        nearest = (x @ centres.t()).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        empty = torch.bincount(nearest, minlength=centroids) == 0
+        sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=g)]  # restart unused centroids
+        centres = F.normalize(sums, dim=1)
+    return centres
+
+
+def fit_head(features: dict, labels: dict, classes: int, seed: int, epochs: int, lr: float, weight_decay: float):
+    """Linear head on pooled features; returns accuracy per set."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(features["train"].shape[1], classes)
+    opt = torch.optim.Adam(head.parameters(), lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    x, y = features["train"], labels["train"]
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(32):
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return {s: (head(f).argmax(-1) == labels[s]).float().mean().item() for s, f in features.items()}
+
+
+def fit_dense(sets: dict, classes: int, units: int, segments: int, seed: int, epochs: int, lr: float, wd: float):
+    """A per-frame ReLU layer and the linear head, trained together by backprop."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Sequential(torch.nn.Linear(sets["train"][0].shape[-1], units), torch.nn.ReLU())
+    head = torch.nn.Linear(units * segments, classes)
+    opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(seed)
+    x, span, y = sets["train"]
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(32):
+            loss = F.cross_entropy(head(segment_means(layer(x[idx]), span[idx], segments)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return {s: (head(segment_means(layer(x), sp, segments)).argmax(-1) == y).float().mean().item()
+                for s, (x, sp, y) in sets.items()}
+
+
+def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int) -> dict:
+    name, _, options = spec.partition(":")
+    o = dict(kv.split("=") for kv in options.split("+")) if options else {}
+    columns, k = int(o.get("columns", args.columns)), int(o.get("k", args.k))
+    test_k, noise = int(o.get("kt", k)), float(o.get("noise", 0.0))
+    labels = {s: y for s, (_, _, y) in sets.items()}
+    if name == "dense":
+        return fit_dense(sets, classes, columns, segments, seed, args.dense_epochs, args.lr, args.weight_decay)
+    if name == "linear":
+        code = lambda split, x: x  # noqa: E731
+    elif name in ("kwta", "kmeans"):
+        if name == "kwta":
+            torch.manual_seed(seed)
+            sparsity = float(o.get("sparsity", 0.5))
+            weight = SparseLinear(sets["train"][0].shape[-1], columns, sparsity=sparsity, bias=False).weight.detach()
+        else:
+            weight = spherical_kmeans(sets["train"][0].flatten(0, 1), columns, seed)
+        g = torch.Generator().manual_seed(seed)
+
+        def code(split, x):
+            scores = x @ weight.t()
+            if split == "train" and noise:
+                scores = scores + noise * scores.std(-1, keepdim=True) * torch.randn(scores.shape, generator=g)
+            return kwinners_mask(scores, k if split == "train" else test_k).float()
+    else:
+        raise ValueError(f"unknown code {name!r} (kwta | kmeans | linear | dense)")
+    features = {s: segment_means(code(s, x), span, segments) for s, (x, span, _) in sets.items()}
+    return fit_head(features, labels, classes, seed, args.epochs, args.lr, args.weight_decay)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="speech_commands", choices=["speech_commands", "speech_fsdd"])
+    parser.add_argument("--data-dir", default=None, help="default: the config's paths.data_dir")
+    parser.add_argument("--codes", default="linear,dense,kwta,kwta:noise=0.5")
+    parser.add_argument("--columns", type=int, default=512)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=30, help="head epochs on the cached codes")
+    parser.add_argument("--dense-epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    task, cfg = load_task(args.preset, args.data_dir)
+    sets = cached_sets(task)
+    clips = len(sets["test0"][2])
+    print(f"{args.preset}: {len(sets['train'][2])} training clips, {clips} test clips x {len(task.noise_levels)} "
+          f"levels, features in {time.perf_counter() - start:.0f} s")
+    print(f"{'code':32s} {'test':>6s} {'noise':>6s} {'x linear':>8s}  accuracy at alpha 0.05 / 0.1 / 0.15 / 0.2")
+    reference = None
+    for spec in args.codes.split(","):
+        acc = run_code(spec, sets, args, cfg.task.segments, len(task.classes), args.seed)
+        by_level = [acc[f"test{i}"] for i in range(len(task.noise_levels))]
+        score = round(sum(by_level) * clips)
+        reference = score if spec == "linear" else reference
+        ratio = f"{score / reference:.2f}" if reference else "-"
+        print(f"{spec:32s} {by_level[0]:6.3f} {score:6d} {ratio:>8s}  " + " / ".join(f"{a:.2f}" for a in by_level[1:5]),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
