@@ -310,6 +310,57 @@ def test_folder_dataset_and_missing_data_errors(tmp_path):
         ds.folder(tmp_path / "f" / "a")
 
 
+def test_download_unpacks_the_public_archives_where_the_data_sets_are_looked_for(tmp_path, monkeypatch):
+    """task.download=true with nothing there: the archives (stand-ins of the public ones, same
+    layout) land as <data_dir>/speech_commands_v0.02 and <data_dir>/fsdd; with data there,
+    nothing is fetched."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    gsc = tmp_path / "gsc_src"  # v0.02's tar.gz holds the word folders at its top level
+    for name in ("yes/aa_nohash_0.wav", "no/bb_nohash_0.wav", "_background_noise_/white_noise.wav"):
+        write_wav(gsc / name, tone(300, 0.1, 16000), 16000)
+    (gsc / "testing_list.txt").write_text("no/bb_nohash_0.wav\n")
+    (gsc / "validation_list.txt").write_text("")
+    with tarfile.open(tmp_path / "gsc.tar.gz", "w:gz") as tar:
+        for path in sorted(gsc.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(gsc)), recursive=False)
+    with zipfile.ZipFile(tmp_path / "fsdd.zip", "w") as z:  # a GitHub archive: <repo>-<commit>/recordings/
+        for take in range(12):
+            wav = write_wav(tmp_path / "fsdd_src" / f"3_theo_{take}.wav", tone(300, 0.1, 8000), 8000)
+            z.write(wav, f"free-spoken-digit-dataset-26eb9aa/recordings/{wav.name}")
+        z.writestr("free-spoken-digit-dataset-26eb9aa/README.md", "")
+    archives = {ds.GSC_URL: tmp_path / "gsc.tar.gz", ds.FSDD_URL: tmp_path / "fsdd.zip"}
+    fetched = []
+
+    def urlretrieve(url, dest):
+        fetched.append(url)
+        shutil.copy(archives[url], dest)
+
+    monkeypatch.setattr(ds.urllib.request, "urlretrieve", urlretrieve)
+    data = tmp_path / "data"
+    root = ds.find_root("speech_commands", data, download=True)
+    assert root == data / "speech_commands_v0.02" and fetched == [ds.GSC_URL]
+    clips = {c.path.name: c.split for c in ds.speech_commands(root)}
+    assert clips["bb_nohash_0.wav"] == "test" and (root / "_background_noise_" / "white_noise.wav").is_file()
+    root = ds.find_root("fsdd", data, download=True)
+    assert root == data / "fsdd" and fetched == [ds.GSC_URL, ds.FSDD_URL]
+    assert sorted(p.name for p in data.iterdir()) == ["fsdd", "speech_commands_v0.02"]  # no temporary left
+    assert len(ds.fsdd(root)) == 12
+    for dataset in ("speech_commands", "fsdd"):  # there now: not fetched again
+        ds.find_root(dataset, data, download=True)
+    assert len(fetched) == 2
+
+    def offline(url, dest):
+        raise ds.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(ds.urllib.request, "urlretrieve", offline)
+    with pytest.raises(OSError, match=r"task.download=true: could not fetch .*speech_commands_v0.02.tar.gz"):
+        ds.find_root("speech_commands", tmp_path / "elsewhere", download=True)
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # nothing half-written
+
+
 # --- augmentation and noise ------------------------------------------------------------------
 
 

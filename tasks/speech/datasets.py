@@ -202,7 +202,13 @@ def fetch(dataset: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         archive = Path(tmp) / url.rsplit("/", 1)[1]
         log.info("downloading %s to %s", url, archive)
-        urllib.request.urlretrieve(url, archive)
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except OSError as e:  # URLError, HTTPError and timeouts are OSErrors
+            raise OSError(
+                f"task.download=true: could not fetch {url} ({e}); download it by hand and unpack it "
+                f"into {dest}, or point task.root at a copy"
+            ) from e
         unpacked = Path(tmp) / "unpacked"
         if dataset == "speech_commands":
             with tarfile.open(archive) as tar:
