@@ -135,7 +135,7 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def plot_curves(self, trainer, pl_module):
-        curves = pl_module.task.curves()
+        curves = pl_module.task.curves(self.ranks)
         if not curves:
             return
         import matplotlib

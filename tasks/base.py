@@ -103,10 +103,11 @@ class Task(ABC):
         for figures over what all processes learned."""
         return {}
 
-    def curves(self) -> dict[str, tuple[list[float], list[float]]]:
+    def curves(self, ranks: list[dict] | None = None) -> dict[str, tuple[list[float], list[float]]]:
         """Optional learning curves, `{name: (x, y)}` (e.g. {"accuracy": (elements seen,
         accuracy over the last 100 sequences)}). The module plots each one into the run dir
-        and the logger at the end of a run; the comparison report overlays them per mode."""
+        and the logger at the end of a run; the comparison report overlays them per mode.
+        `ranks` as in `summary`: streaming under DDP, every process's state."""
         return {}
 
     def figures(self) -> dict[str, str]:

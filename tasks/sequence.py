@@ -191,7 +191,7 @@ class SequenceTask(Task):
     def compute_metrics(self, stage):
         if stage != "train":
             return {}
-        curves = [self._curve(i) for i in range(len(self.streams))]
+        curves = [self._curve(row) for row in self._correct]
         last = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
         anomaly = self._anomaly[~np.isnan(self._anomaly)]
         metrics = {"accuracy": float(np.mean(last))} if last else {}
@@ -199,9 +199,10 @@ class SequenceTask(Task):
             metrics["anomaly"] = float(anomaly.mean())
         return metrics
 
-    def _curve(self, i: int) -> np.ndarray:
-        positions = np.flatnonzero(self._correct[i] >= 0)
-        return high_order.accuracy_curve(positions, self._correct[i, positions], self.length, self.window)
+    def _curve(self, correct: np.ndarray) -> np.ndarray:
+        """One stream's accuracy curve from its row of scored positions (-1: not scored)."""
+        positions = np.flatnonzero(correct >= 0)
+        return high_order.accuracy_curve(positions, correct[positions], self.length, self.window)
 
     def summary(self, ranks: list[dict] | None = None):
         """The issue's figures; with several streams the mean over streams plus `<key>_std`
@@ -230,8 +231,11 @@ class SequenceTask(Task):
         out["streams"] = len(per_stream)
         return out
 
-    def curves(self):
-        curve = np.mean([self._curve(i) for i in range(len(self.streams))], axis=0)
+    def curves(self, ranks: list[dict] | None = None):
+        """The mean accuracy curve over the streams (under DDP, `ranks` as in `summary`: over
+        every process's streams)."""
+        rows = self._correct if ranks is None else np.concatenate([r["correct"].numpy() for r in ranks])
+        curve = np.mean([self._curve(row) for row in rows], axis=0)
         defined = np.flatnonzero(~np.isnan(curve))
         return {"accuracy": ((defined + 1).tolist(), curve[defined].tolist())}
 

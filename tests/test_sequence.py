@@ -137,7 +137,7 @@ def test_each_ddp_rank_learns_its_own_streams():
     assert all(np.array_equal(s.relabel, task.streams[0].relabel) for s in seeds_2_3)  # one task on every rank
 
 
-def test_a_ddp_summary_covers_every_process_streams():
+def test_a_ddp_summary_and_curve_cover_every_process_streams():
     # Two processes with one stream each (rank r streams seed + r) report what one process
     # learning both streams reports; the processes' elements add up, their seconds overlap.
     both = make(streams=2)
@@ -148,6 +148,8 @@ def test_a_ddp_summary_covers_every_process_streams():
     summary = make().summary(ranks)
     assert summary == both.summary() and summary["streams"] == 2
     assert summary["final_accuracy_std"] > 0  # the two streams were scored differently
+    # The curve is the mean over both processes' streams too, not the first process's alone.
+    assert make().curves(ranks) == both.curves() != make().curves(ranks[:1])
 
 
 @pytest.mark.parametrize("relabel", ["shared", "per_stream"])
