@@ -13,12 +13,15 @@ pooling and a linear head trained on the clean training clips (the protocol of A
 Scheinkman 2019: no noise, no augmentation). Codes (`name:key=value+key=value`):
 
     kwta     the local model's code: a random map with `sparsity` zero weights, `columns`
-             columns, the `k` strongest active (`kt` at test); `noise=s` adds N(0, (s std)^2)
-             to the scores in training only (a stochastic k-WTA)
+             columns, the `k` strongest active (`kt` at test)
     kmeans   the same k-WTA on cosine similarity to `columns` spherical k-means centroids of
              training frames (a learned map)
     linear   dense: the head on the pooled frames themselves
     dense    dense: a ReLU layer of `columns` units per frame, trained by backprop with the head
+
+`noise=s` (any code) adds N(0, (s std)^2) in training only to what decides the code: the
+k-WTA's scores (a stochastic k-WTA), the dense layer's pre-activations, the linear code's
+frames; the same regulariser for the sparse and the dense codes.
 
 Prints test accuracy, the noise score (correct answers over the 11 levels) and its ratio to
 the `linear` code's. Figures: docs/results.md, "Speech", session 13. Minutes on a CPU.
@@ -104,22 +107,29 @@ def fit_head(features: dict, labels: dict, classes: int, seed: int, epochs: int,
         return {s: (head(f).argmax(-1) == labels[s]).float().mean().item() for s, f in features.items()}
 
 
-def fit_dense(sets: dict, classes: int, units: int, segments: int, seed: int, epochs: int, lr: float, wd: float):
+def jitter(scores: torch.Tensor, noise: float, g: torch.Generator) -> torch.Tensor:
+    """scores + N(0, (noise x their std per frame)^2)."""
+    return scores + noise * scores.std(-1, keepdim=True) * torch.randn(scores.shape, generator=g)
+
+
+def fit_dense(sets: dict, classes: int, units: int, segments: int, seed: int, epochs: int, lr: float, wd: float,
+              noise: float = 0.0):
     """A per-frame ReLU layer and the linear head, trained together by backprop."""
     torch.manual_seed(seed)
-    layer = torch.nn.Sequential(torch.nn.Linear(sets["train"][0].shape[-1], units), torch.nn.ReLU())
+    layer = torch.nn.Linear(sets["train"][0].shape[-1], units)
     head = torch.nn.Linear(units * segments, classes)
     opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
     x, span, y = sets["train"]
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(32):
-            loss = F.cross_entropy(head(segment_means(layer(x[idx]), span[idx], segments)), y[idx])
+            hidden = F.relu(jitter(layer(x[idx]), noise, g) if noise else layer(x[idx]))
+            loss = F.cross_entropy(head(segment_means(hidden, span[idx], segments)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return {s: (head(segment_means(layer(x), sp, segments)).argmax(-1) == y).float().mean().item()
+        return {s: (head(segment_means(F.relu(layer(x)), sp, segments)).argmax(-1) == y).float().mean().item()
                 for s, (x, sp, y) in sets.items()}
 
 
@@ -129,10 +139,11 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
     columns, k = int(o.get("columns", args.columns)), int(o.get("k", args.k))
     test_k, noise = int(o.get("kt", k)), float(o.get("noise", 0.0))
     labels = {s: y for s, (_, _, y) in sets.items()}
+    g = torch.Generator().manual_seed(seed)
     if name == "dense":
-        return fit_dense(sets, classes, columns, segments, seed, args.dense_epochs, args.lr, args.weight_decay)
+        return fit_dense(sets, classes, columns, segments, seed, args.dense_epochs, args.lr, args.weight_decay, noise)
     if name == "linear":
-        code = lambda split, x: x  # noqa: E731
+        code = lambda split, x: jitter(x, noise, g) if split == "train" and noise else x  # noqa: E731
     elif name in ("kwta", "kmeans"):
         if name == "kwta":
             torch.manual_seed(seed)
@@ -140,12 +151,11 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
             weight = SparseLinear(sets["train"][0].shape[-1], columns, sparsity=sparsity, bias=False).weight.detach()
         else:
             weight = spherical_kmeans(sets["train"][0].flatten(0, 1), columns, seed)
-        g = torch.Generator().manual_seed(seed)
 
         def code(split, x):
             scores = x @ weight.t()
             if split == "train" and noise:
-                scores = scores + noise * scores.std(-1, keepdim=True) * torch.randn(scores.shape, generator=g)
+                scores = jitter(scores, noise, g)
             return kwinners_mask(scores, k if split == "train" else test_k).float()
     else:
         raise ValueError(f"unknown code {name!r} (kwta | kmeans | linear | dense)")
