@@ -19,6 +19,7 @@ writes `task.summary()` to summary.json and plots `task.curves()`.
 
 import warnings
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -110,7 +111,7 @@ class Task(ABC):
         `ranks` as in `summary`: streaming under DDP, every process's state."""
         return {}
 
-    def figures(self) -> dict[str, str]:
+    def figures(self) -> dict[str, str | Path]:
         """Images the task wrote at the end of a stage, `{key: path}` (e.g. a test confusion
         matrix). RunSummary sends each to the loggers that take images (wandb) after testing."""
         return {}
