@@ -47,22 +47,38 @@ def _wandb_reachable() -> bool:
 
 
 class StreamCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt after the final training batch.
+    """ModelCheckpoint whose last.ckpt is the trained model and a point a run resumes from exactly.
 
-    With `every_n_train_steps` Lightning writes last.ckpt only every n batches, so the last
-    up to n-1 chunks of a stream were missing from it (an evaluation then scored an older
-    model). The final save is an ordinary mid-epoch save, like the periodic ones, so a run
-    resumed from it continues exactly (a save after `fit` returns would mark the epoch done).
+    Streaming tasks: every `every_n_train_steps` batches, as Lightning does, and after the
+    final batch. Lightning alone would miss the last up to n-1 chunks of a stream (an
+    evaluation then scored an older model). The final save is an ordinary mid-epoch save, like
+    the periodic ones, so a run resumed from it continues exactly (a save after `fit` returns
+    would mark the epoch done).
+
+    Epoch-based tasks (speech): at the end of every epoch instead, after validation and the
+    lr scheduler's step, where a resumed run starts the next epoch. A save within an epoch of a
+    shuffled data set cannot resume exactly (Lightning restarts the epoch's data), and one at
+    its last batch resumed without that epoch's scheduler step.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not pl_module.task.streaming:
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
         if self.save_last and final:  # at worst once more than the periodic save at that step
-            # Lightning's own save of "last" (after validation) then overwrites this file
-            # instead of writing a second one beside it (last-v1.ckpt).
-            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
-            trainer.save_checkpoint(self.last_model_path)
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not pl_module.task.streaming:
+            self._save_last(trainer)  # Lightning calls this after the module's epoch end
+
+    def _save_last(self, trainer):
+        # Lightning's own save of "last" (at the end of fit) then overwrites this file instead
+        # of writing a second one beside it (last-v1.ckpt).
+        self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path)
 
 
 class RunSummary(L.Callback):

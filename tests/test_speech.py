@@ -599,3 +599,43 @@ def test_train_py_runs_the_cnn_baseline_on_speech_and_logs_the_confusion_matrix(
     (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
     images = list((run / "files" / "media" / "images" / "test").glob("confusion_*.png"))
     assert len(images) == 1 and images[0].stat().st_size > 1000
+
+
+def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypatch):
+    """A run killed in epoch 1 and resumed from its last.ckpt (written at the end of epoch 0,
+    after validation and the scheduler's step) ends with the numbers and weights of the run
+    that never stopped: the shuffle depends on (seed, epoch), starting an epoch's loader draws
+    nothing from the RNG that the augmentation and the hybrid rule draw from."""
+    from test_harness import TIMING, config
+
+    import train
+    from predictive.module import PredictiveModule
+
+    two_tones(tmp_path / "d")
+    run = ("task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
+           "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=1",
+           "task.noise_levels=[0.0,0.3]", "learning=hybrid", "model.columns=128", "model.cells=1",
+           "model.active_columns=8", "optimizer.lr=0.01", "scheduler=cosine", "trainer.max_epochs=3", "logger=none")
+    whole = train.train(config(tmp_path / "whole", *run, base=()))
+
+    step = PredictiveModule.training_step
+
+    def killed_in_epoch_1(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("killed")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PredictiveModule, "training_step", killed_in_epoch_1)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.train(config(tmp_path / "killed", *run, base=()))
+    monkeypatch.setattr(PredictiveModule, "training_step", step)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 2  # epoch 0's 2 batches, after its end
+    assert saved["lr_schedulers"][0]["last_epoch"] == 1  # its scheduler step included
+    resumed = train.train(config(tmp_path / "resumed", *run, f"ckpt_path={last}", base=()))
+
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {k: v for k, v in whole.items() if k not in TIMING}
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

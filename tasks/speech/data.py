@@ -10,7 +10,7 @@ import logging
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .audio import AudioError, fix_length, load_clip, read_wav, resample
 from .datasets import SPLITS, Clip
@@ -29,6 +29,20 @@ class ClipSet(Dataset):
 
     def __getitem__(self, i):
         return {"audio": self.audio[i].float() / 32768.0, "label": self.labels[i], "noise_level": torch.tensor(0)}
+
+
+class EpochShuffle(RandomSampler):
+    """A shuffle that depends on (seed, epoch) alone, as Lightning's DistributedSampler does
+    under DDP (it replaces this one there): Lightning calls `set_epoch` before each epoch, so a
+    run resumed at an epoch boundary sees the orders the uninterrupted run saw."""
+
+    def __init__(self, data, seed: int):
+        super().__init__(data, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int):
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class NoiseSweep(Dataset):
@@ -109,12 +123,16 @@ class SpeechData(L.LightningDataModule):
             self.sets[split] = decode(part, labels, self.sample_rate, self.samples, self.skip_bad_files)
             log.info("%s: %d clips", split, len(self.sets[split]))
 
+    # Each loader has its own generator: starting an epoch's iterator then draws nothing from
+    # the global RNG, which the augmentation and the model draw from, so the RNG state that a
+    # checkpoint holds is the one the next training batch starts from (exact resume).
     def train_dataloader(self):
-        return DataLoader(self.sets["train"], self.batch_size, shuffle=True)
+        shuffle = EpochShuffle(self.sets["train"], seed=torch.initial_seed())  # the run's seed
+        return DataLoader(self.sets["train"], self.batch_size, sampler=shuffle, generator=torch.Generator())
 
     def val_dataloader(self):
-        return DataLoader(self.sets["val"], self.batch_size)
+        return DataLoader(self.sets["val"], self.batch_size, generator=torch.Generator())
 
     def test_dataloader(self):
         sweep = NoiseSweep(self.sets["test"], self.noise_levels, self.noise_seed)
-        return DataLoader(sweep, self.batch_size)
+        return DataLoader(sweep, self.batch_size, generator=torch.Generator())
