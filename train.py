@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from predictive.callbacks import RunSummary
-from predictive.module import PredictiveModule
+from predictive.harness.callbacks import RunSummary
+from predictive.harness.module import PredictiveModule
 
 
 def build(cfg: DictConfig, name: str, **kwargs):

@@ -24,18 +24,6 @@ STATE = ("cells", "winners", "columns", "predicted", "active_overlap", "potentia
          "diverted", "matching_columns", "predicted_columns", "prediction", "anomaly")
 
 
-def supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
-    """Can `run_layer` stand in for the torch steps? CPU, float32, and none of the settings it
-    does not implement (first-order fallback, feedforward learning)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.segments.permanence.dtype == torch.float32
-        and not layer.first_order_fallback
-        and hebbian.feedforward_rate == 0
-    )
-
-
 @torch.no_grad()
 def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
     """T steps of `layer` learning by `hebbian` (a `PredictiveHebbian`).

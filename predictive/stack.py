@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from predictive import fused
 from predictive.learning import Backprop, LearningRule
 from predictive.memory import TemporalMemory
 
@@ -23,6 +22,18 @@ def check_input(x: torch.Tensor, input_size: int) -> None:
 def detach_state(state: State) -> State:
     """Cut the graph between chunks (truncated BPTT), keeping the values."""
     return {name: value.detach() for name, value in state.items()}
+
+
+def fused_supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
+    """Can `predictive.fused.run_layer` stand in for the torch steps? CPU, float32, and none
+    of the settings it does not implement (first-order fallback, feedforward learning)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.segments.permanence.dtype == torch.float32
+        and not layer.first_order_fallback
+        and hebbian.feedforward_rate == 0
+    )
 
 
 @dataclass
@@ -107,7 +118,7 @@ class PredictiveStack(nn.Module):
         """x: (B, T, D); reset: (B, T) bool or None; learning: the rule (default backprop)."""
         check_input(x, self.input_size)
         rule = learning or Backprop()
-        if rule.fused and all(fused.supported(layer, rule.hebbian, x) for layer in self.layers):
+        if rule.fused and all(fused_supported(layer, rule.hebbian, x) for layer in self.layers):
             return self.forward_fused(x, state, reset, rule)
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
@@ -136,6 +147,8 @@ class PredictiveStack(nn.Module):
         """`forward` for a rule whose every layer learns locally, on a CPU: each layer runs the
         whole chunk in one compiled loop (predictive.fused). Nothing of a layer reaches the
         layers below it in local mode, so the layers can run one after the other."""
+        from predictive import fused  # numba loads the first time the compiled path runs
+
         outputs, new_state, inputs = [], {}, x
         for i, (layer, layer_state) in enumerate(zip(self.layers, self.layer_states(state))):
             *out, layer_state = fused.run_layer(layer, rule.hebbian, inputs, layer_state, reset)

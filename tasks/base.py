@@ -2,7 +2,7 @@
 
 A task bundles data, encoder, head, loss and metrics. Hydra builds it from
 `configs/task/<name>.yaml` (`_target_: tasks.<module>.<Class>`); the LightningModule
-(`predictive.module.PredictiveModule`) only talks to it through the members below, so a
+(`predictive.harness.module.PredictiveModule`) only talks to it through the members below, so a
 new task is one subclass and one YAML file.
 
 How the module uses a task, per training batch (a dict of tensors):

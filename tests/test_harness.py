@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 import train
-from predictive import report
+from predictive.harness import report
 
 GROUPS = {g: sorted(p.stem for p in (ROOT / "configs" / g).glob("*.yaml")) for g in
           ("task", "model", "learning", "trainer", "logger", "scheduler")}
@@ -190,7 +190,7 @@ def test_non_finite_input_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_the_loss_check_names_the_losses_only_when_it_fails():
-    from predictive.module import check_finite
+    from predictive.harness.module import check_finite
 
     def name():
         raise AssertionError("built although the loss was finite")

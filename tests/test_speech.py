@@ -609,7 +609,7 @@ def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypat
     from test_harness import TIMING, config
 
     import train
-    from predictive.module import PredictiveModule
+    from predictive.harness.module import PredictiveModule
 
     two_tones(tmp_path / "d")
     run = ("task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",

@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from predictive.module import PredictiveModule
+from predictive.harness.module import PredictiveModule
 
 
 def evaluate(ckpt: str, overrides: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Compare runs: mean +- std per learning mode and model of every numeric summary metric,
 as a markdown table and PNG plots, readable without W&B.
 
-    python -m predictive.report multirun/2026-01-01_12-00-00   # any dir holding runs
+    python -m predictive.harness.report multirun/2026-01-01_12-00-00   # any dir holding runs
 
 A run is any folder below DIR with a summary.json (written by every `train.py` run; a run's
 `evaluate/` re-test is not another run); its `learning` and `model` entries name its row,

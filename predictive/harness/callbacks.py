@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from predictive.module import gather_objects
+from predictive.harness.module import gather_objects
 
 
 def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbLogger:
