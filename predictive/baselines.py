@@ -33,7 +33,7 @@ class LSTMModel(nn.Module):
     next input, with its state cut every step (one step of gradient, no task gradient).
     """
 
-    def __init__(self, input_size: int, hidden_size: int = 128, num_layers: int = 1):
+    def __init__(self, input_size: int, hidden_size: int = 256, num_layers: int = 1):
         super().__init__()
         check_positive(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers

@@ -88,7 +88,7 @@ class PredictiveHebbian:
     predicted_decrement: float = 0.08
     burst_decrement: float = 0.0
     initial_permanence: float = 0.45
-    new_synapses: int = 20
+    new_synapses: int = 10
     grow_predicted: bool = False
     decoder_rate: float = 0.5
     decoder_code_rate: float = 0.5
@@ -278,25 +278,22 @@ class LearningRule:
         do (which cells a segment listens to); nothing by default."""
 
     def check(self, model: torch.nn.Module) -> None:
-        """Before any training: raise ValueError if the rule cannot train `model`, and give
-        the layers that learn by gradient alone random initial synapses (an empty segment has
-        no gradient to grow from) and no recall (random synapses recall nothing,
-        `TemporalMemory.predict`). A layer whose decoder the gradient trains does not recall
-        links seen once (`TemporalMemory.fresh_steps`): the gradient teaches its decoder
-        whatever columns the forward pass decodes, and on the high-order task (hybrid,
-        seeds 0-2) final accuracy fell 0.973 -> 0.944 and recovery rose 1,149 -> 1,870. A model
-        that cannot learn by a rule says so in its `check_rule` (the CNN, under local)."""
+        """Raise ValueError, naming the setting, if the rule cannot train `model`; changes
+        nothing. A layer that the gradient alone trains (no local updates, no segment growth)
+        needs random initial synapses (`TemporalMemory.initial_segments`): an empty segment
+        has no gradient to grow from. A model that cannot learn by a rule says so in its
+        `check_rule` (the CNN, under local)."""
         if hasattr(model, "check_rule"):
             model.check_rule(self)
         layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
         for i, layer in enumerate(layers):
-            if self.is_local(i):
+            if self.is_local(i) or self.grows_segments:
                 continue
-            layer.fresh_steps = 0
-            if not self.grows_segments:
-                layer.recall = False
-                if not (layer.segments.last_learned >= 0).any():
-                    layer.segments.randomize()
+            if layer.initial_segments == "empty" and not (layer.segments.last_learned >= 0).any():
+                raise ValueError(
+                    f"model.initial_segments=empty: layer {i} learns by gradient alone under learning={self.name} "
+                    "and an empty segment has no gradient to grow from; use initial_segments=random"
+                )
 
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()

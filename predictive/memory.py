@@ -87,24 +87,28 @@ class TemporalMemory(nn.Module):
         recall: a known context's decoded prediction is what its winners' segments match
             (`predict`), and in the next step only the cells they predict fire (`activate`);
             False: the burst's union, both times. Segments that only a gradient trains are
-            random and recall nothing, so the learning rule turns it off for them
-            (`LearningRule.check`).
+            random and recall nothing: turn it off for layers that a gradient alone trains
+            (configs/learning/backprop.yaml does).
         fresh_steps: when a known context's winners recall nothing (new cells: a split laid
             down on this pass), it recalls the links of the cells that fired which match
             without connecting and were learned within this many steps: a continuation seen
-            once, lately; a link that faded after the stream changed is older. 0: off.
+            once, lately; a link that faded after the stream changed is older. 0: off (for
+            layers whose decoder a gradient trains: it learns whatever columns are decoded).
+        initial_segments: "empty" (local learning grows synapses where contexts need them) or
+            "random" (random permanences on random cells: a layer trained by gradient alone
+            needs them, an empty segment has no gradient to grow from).
     """
 
     def __init__(
         self,
         input_size: int,
-        columns: int = 2048,
-        cells: int = 16,
-        active_columns: int | float = 40,
+        columns: int = 256,
+        cells: int = 8,
+        active_columns: int | float = 10,
         segments: int = 4,
-        synapses: int = 32,
-        activation_threshold: int = 13,
-        matching_threshold: int = 10,
+        synapses: int = 24,
+        activation_threshold: int = 6,
+        matching_threshold: int = 6,
         connected_permanence: float = 0.5,
         feedforward_sparsity: float = 0.5,
         boost_strength: float = 0.0,
@@ -114,6 +118,7 @@ class TemporalMemory(nn.Module):
         soft_kwta: float = 0.0,
         recall: bool = True,
         fresh_steps: int = 300,
+        initial_segments: str = "empty",
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -136,6 +141,9 @@ class TemporalMemory(nn.Module):
         if isinstance(fresh_steps, bool) or not isinstance(fresh_steps, int) or fresh_steps < 0:
             raise ValueError(f"fresh_steps must be an integer >= 0, got {fresh_steps!r}")
         self.fresh_steps = fresh_steps
+        if initial_segments not in ("empty", "random"):
+            raise ValueError(f"initial_segments must be 'empty' or 'random', got {initial_segments!r}")
+        self.initial_segments = initial_segments
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -161,6 +169,8 @@ class TemporalMemory(nn.Module):
             self.decoder_rows.zero_()  # predicts nothing until it has seen something
             self.decoder.bias.zero_()
         self.learning_steps.zero_()
+        if self.initial_segments == "random":
+            self.segments.randomize()
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         n, s = self.output_size, self.segments.num_segments
@@ -393,5 +403,6 @@ class TemporalMemory(nn.Module):
         return (
             f"input_size={self.input_size}, columns={self.columns}, cells={self.cells_per_column}, "
             f"active_columns={self.k}, activation_threshold={self.activation_threshold}, "
-            f"matching_threshold={self.matching_threshold}"
+            f"matching_threshold={self.matching_threshold}, recall={self.recall}, fresh_steps={self.fresh_steps}, "
+            f"initial_segments={self.initial_segments!r}"
         )

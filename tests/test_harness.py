@@ -61,6 +61,44 @@ def test_every_combination_composes(tmp_path):
         assert instantiate(config(tmp_path, f"learning={learning}").learning.rule).name == learning
 
 
+@pytest.mark.parametrize("learning", ["local", "backprop", "hybrid"])
+def test_the_saved_config_is_what_runs(tmp_path, learning):
+    # Each mode's layer settings come from its config (configs/learning/*.yaml `layer`), and
+    # building the run changes none of them: the resolved config saved with a run is what ran.
+    from predictive.harness.module import PredictiveModule
+
+    cfg = config(tmp_path, f"learning={learning}")
+    task = instantiate(cfg.task)
+    model = instantiate(cfg.model, input_size=task.input_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    PredictiveModule(task, model, instantiate(cfg.learning.rule), instantiate(cfg.optimizer))
+    expected = {"local": (True, 300, "empty"), "backprop": (False, 0, "random"), "hybrid": (True, 0, "empty")}
+    layer = model.layers[0]
+    assert (cfg.model.recall, cfg.model.fresh_steps, cfg.model.initial_segments) == expected[learning]
+    assert (layer.recall, layer.fresh_steps, layer.initial_segments) == expected[learning]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("model", ["stack", "lstm", "cnn"])
+def test_the_code_defaults_are_the_config_defaults(tmp_path, model):
+    import inspect
+
+    from predictive import PredictiveHebbian, TemporalMemory
+    from predictive.learning import Hybrid
+
+    cfg = OmegaConf.to_container(config(tmp_path, f"model={model}", base=[]).model, resolve=True)
+    cls = TemporalMemory if model == "stack" else type(instantiate(cfg, input_size=640))
+    code = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    differ = {k: (code[k], v) for k, v in cfg.items() if k in code and code[k] != v and k != "frequency_bins"}
+    assert not differ, f"{cls.__name__}: code default != config default: {differ}"
+    if model == "stack":
+        for name, rule_cls in (("local", PredictiveHebbian), ("hybrid", Hybrid)):
+            rule = OmegaConf.to_container(config(tmp_path, f"learning={name}", base=[]).learning.rule)
+            code = {k: p.default for k, p in inspect.signature(rule_cls).parameters.items()
+                    if p.default is not p.empty}
+            assert not {k: (code[k], v) for k, v in rule.items() if k in code and code[k] != v}
+
+
 def test_help_lists_groups():
     result = cli("train.py", "--help")
     assert result.returncode == 0, result.stderr
