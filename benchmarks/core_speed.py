@@ -33,12 +33,12 @@ from predictive.stack import PredictiveStack
 
 def make_stack(args, mode, device="cpu"):
     torch.manual_seed(0)
+    rule = make_rule(mode)
     stack = PredictiveStack(
         args.input_size, 1, columns=args.columns, cells=args.cells, active_columns=args.active_columns,
         segments=args.segments, synapses=args.synapses, activation_threshold=13, matching_threshold=10,
+        initial_segments="random" if mode == "backprop" else "empty", learning=rule,
     ).to(device)
-    rule = make_rule(mode)
-    rule.check(stack)  # backprop: random initial synapses
     if rule.name == "local":  # a layer that has learned for a while
         x = sdr_inputs(1, args.warmup, args.input_size, vocabulary=50).to(device)
         run_chunk(stack, rule, x, stack.initial_state(1, device))
@@ -113,7 +113,7 @@ def memory_child(args, mode, steps):
     before = peak_rss_mb()
     total = x.new_zeros(())
     for t in range(steps):
-        steps_out, states, _ = model.step(x[:, t], states, None, rule)
+        steps_out, states, _ = model.step_layers(x[:, t], states, None, rule)
         if mode == "backprop":
             total = total + steps_out[-1].cells.sum()
     if mode == "backprop":

@@ -2,13 +2,14 @@
 layer predicts its own next input."""
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from predictive.learning import Backprop, LearningRule
-from predictive.memory import TemporalMemory
+from predictive.learning import Backprop, LearningRule, Local
+from predictive.memory import TemporalMemory, column_activity
 
 State = dict[str, torch.Tensor]
 
@@ -36,6 +37,15 @@ def fused_supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
     )
 
 
+class StepOutput(NamedTuple):
+    """What `PredictiveStack.step` returns for one input (one stream: no batch dimension)."""
+
+    prediction: torch.Tensor  # (B, D) the bottom layer's decoded prediction of the next input
+    columns: torch.Tensor  # (B, C) bool, the top layer's active columns
+    cells: torch.Tensor  # (B, N) the top layer's cell activity (0/1)
+    anomaly: torch.Tensor  # (B,) share of the bottom layer's active columns that were not predicted
+
+
 @dataclass
 class StackOutput:
     """Outputs of a chunk of T steps for B streams."""
@@ -50,13 +60,28 @@ class StackOutput:
 class PredictiveStack(nn.Module):
     """L temporal-memory layers.
 
+    Online, one record at a time (the state of one set of streams is kept in the module):
+
+        stack = PredictiveStack(64, columns=256, cells=8)      # learns by Local() rules
+        for x in records:                                       # x: (64,) or (B, 64)
+            out = stack.step(x)                                 # predict, then learn
+            out.prediction, out.anomaly
+        stack.reset()                                           # a new sequence
+
+    Chunks of B streams x T steps, with the state passed in and out (what training harnesses
+    use): `forward(x, state, reset, learning=rule)`.
+
     Args:
         input_size: width of the encoded input.
         layers: the number of layers, or one dict of settings per layer (overriding `defaults`).
+        learning: the rule `step` learns by, checked against the layers here (None: `Local()`
+            with its defaults, checked at the first step).
         **defaults: `TemporalMemory` settings shared by all layers.
     """
 
-    def __init__(self, input_size: int, layers: int | list[dict] = 1, **defaults):
+    def __init__(
+        self, input_size: int, layers: int | list[dict] = 1, learning: LearningRule | None = None, **defaults
+    ):
         super().__init__()
         if isinstance(layers, int):
             if layers < 1:
@@ -70,6 +95,33 @@ class PredictiveStack(nn.Module):
             width = modules[-1].output_size
         self.layers = nn.ModuleList(modules)
         self.input_size = input_size
+        self.learning = learning
+        if learning is not None:
+            learning.check(self)
+        self.stream_state: State | None = None  # what `step` carries from one call to the next
+
+    def reset(self) -> None:
+        """Forget the streams that `step` follows: the next step starts a new sequence."""
+        self.stream_state = None
+
+    def step(self, x: torch.Tensor, learn: bool = True) -> StepOutput:
+        """One record through the stack: predict, compare with what was predicted, and (with
+        `learn`) learn by the rule given at construction. x: (D,) for one stream, or (B, D).
+        Gradient rules learn through `forward` and an optimizer; here they only predict."""
+        single = x.dim() == 1
+        x = x.unsqueeze(0) if single else x
+        if self.stream_state is None or next(iter(self.stream_state.values())).shape[0] != x.shape[0]:
+            self.stream_state = self.initial_state(x.shape[0], x.device)
+        if learn and self.learning is None:
+            self.learning = Local()
+            self.learning.check(self)
+        with torch.no_grad():
+            out, self.stream_state = self(x.unsqueeze(1), self.stream_state, learning=self.learning if learn else None)
+        top = self.layers[-1]
+        cells = out.cells[:, 0]
+        result = StepOutput(out.prediction[:, 0], column_activity(cells, top.cells_per_column) > 0, cells,
+                            out.anomaly[:, 0])
+        return StepOutput(*(t[0] for t in result)) if single else result
 
     @property
     def output_size(self) -> int:
@@ -91,7 +143,7 @@ class PredictiveStack(nn.Module):
             states[int(i)][name] = value
         return states
 
-    def step(self, x: torch.Tensor, states: list[State], reset: torch.Tensor | None, rule: LearningRule):
+    def step_layers(self, x: torch.Tensor, states: list[State], reset: torch.Tensor | None, rule: LearningRule):
         """One time step through all layers. x: (B, D) -> (steps, new states, local loss)."""
         steps, new_states, local_loss = [], [], x.new_zeros(())
         for i, (layer, state) in enumerate(zip(self.layers, states)):
@@ -127,7 +179,7 @@ class PredictiveStack(nn.Module):
         # feedforward learning therefore takes effect from the next chunk on.
         with parametrize.cached():
             for t in range(x.shape[1]):
-                steps, states, loss = self.step(x[:, t], states, None if reset is None else reset[:, t], rule)
+                steps, states, loss = self.step_layers(x[:, t], states, None if reset is None else reset[:, t], rule)
                 local_loss = local_loss + loss
                 cells.append(steps[-1].cells)
                 predicted.append(states[-1]["predicted"])

@@ -12,7 +12,6 @@ one (`stack.step`); the compiled path is checked against them in tests/test_fuse
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +29,7 @@ LAYER = dict(
 
 def test_local_online_learning_holds_high_order_context():
     torch.manual_seed(0)
-    data_dir = Path(os.environ["PREDICTIVE_DATA_DIR"])  # set by conftest
-    normal, perturbed = load_sets(data_dir / "high_order_sequences" / "sequences.json", endings=1)
+    normal, perturbed = load_sets(endings=1)
     stream = generate(normal, perturbed, seed=SEED, length=10000, switch_after=10000)
     encoder = SymbolEncoder(stream.vocab_size, size=2048, active=41, seed=0)
     codes = encoder.codes()  # (V, 2048), about 2% on, as in the task
@@ -42,7 +40,7 @@ def test_local_online_learning_holds_high_order_context():
     for t, symbol in enumerate(stream.symbols):
         if stream.scored[t]:  # predict, then see the truth, then learn
             correct.append(guess == symbol)
-        _, states, _ = stack.step(codes[symbol].unsqueeze(0), states, None, rule)
+        _, states, _ = stack.step_layers(codes[symbol].unsqueeze(0), states, None, rule)
         guess = int((codes @ states[0]["prediction"][0]).argmax())  # most likely next symbol
     curve = accuracy_curve(np.flatnonzero(stream.scored), np.array(correct), len(stream.symbols))
     assert np.nanmax(curve) >= 0.99  # right at least 99% of the time within 10,000 elements
