@@ -23,7 +23,6 @@ next-step prediction API could not be checked here (DESIGN.md reports it at chan
 """
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -140,8 +139,7 @@ def main():
         help="extra Hydra override for the project runs: key=value, or system:key=value for one system",
     )
     args = p.parse_args()
-    data_dir = Path(os.environ.get("PREDICTIVE_DATA_DIR", ROOT / "data"))
-    normal, perturbed = high_order.load_sets(data_dir / "high_order_sequences" / "sequences.json", args.endings)
+    normal, perturbed = high_order.load_sets(args.endings)
 
     results = {}
     for name in args.systems.split(","):

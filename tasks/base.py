@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from predictive.baselines import ConvNet
+
 
 class Task(ABC):
     """Abstract task. Subclasses set the attributes in `__init__` (or as class attributes)
@@ -61,6 +63,14 @@ class Task(ABC):
         `rank`: this process's global rank under DDP (0 otherwise); a streaming task with
         several streams to draw from gives each rank its own (Lightning splits map-style
         datasets between ranks itself)."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if `model` cannot read this task's input, before training. The CNN
+        reads each step as maps of spectrogram bins: a stream of symbol or value codes is not
+        one (the sequence task's 2,048-wide codes would make it a 67M-parameter network)."""
+        if self.streaming and isinstance(model, ConvNet):
+            raise ValueError(f"model=cnn reads spectrogram frames (task=speech), not the streams of "
+                             f"{type(self).__name__}: use model=stack or model=lstm")
 
     def reset_mask(self, batch: dict) -> torch.Tensor | None:
         """(B, T) bool: True clears that stream's model state before step t (e.g. at a

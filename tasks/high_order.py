@@ -3,7 +3,7 @@
 Numpy only, no model: the task, the tests and `benchmarks/sequence_peers.py` all use these
 same functions, so every system is scored on the same stream by the same definitions.
 
-Protocol (`sequences.json`, field "protocol"): sequences drawn uniformly from a set, each
+Protocol (Cui et al. 2016): sequences drawn uniformly from a set, each
 followed by one noise element; symbols relabelled by a random permutation per seed; from the
 first sequence that starts at or after element `switch_after` on, the perturbed set (same
 shared middles, endings swapped) is used; one continuous stream, no resets.
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tasks.high_order_sets import PUBLISHED
 
 # numenta/htmresearch (discrete_sequences/tm/suite.py) draws each noise element from
 # range(numSymbols + 1, numSymbols + 5001): a pool of 5,000 symbols, so a noise element
@@ -38,15 +40,17 @@ class Stream:
         return self.num_symbols + NOISE_SYMBOLS
 
 
-def load_sets(path: str | Path, endings: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(normal, perturbed) sequence sets for `endings` possible endings."""
+def load_sets(endings: int, path: str | Path | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(normal, perturbed) sequence sets for `endings` possible endings: the published ones
+    (`tasks.high_order_sets`), or those of a file in the schema of `sequences.json`
+    ({"sets": {"<endings>": {"normal": [...], "perturbed": [...]}}})."""
     if endings not in ENDINGS:
         raise ValueError(f"task.endings must be one of {ENDINGS}, got {endings}")
+    if path is None:
+        return PUBLISHED[endings]["normal"], PUBLISHED[endings]["perturbed"]
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"high-order sequence sets not found: {path} (set paths.data_dir or PREDICTIVE_DATA_DIR)"
-        )
+        raise FileNotFoundError(f"task.file={path}: no such sequence-set file")
     try:
         sets = json.loads(path.read_text())["sets"][str(endings)]
         return sets["normal"], sets["perturbed"]

@@ -54,7 +54,9 @@ class SequenceTask(Task):
     """The high-order sequence stream (`tasks.high_order`).
 
     Args:
-        data_dir: data root; the sets are read from <data_dir>/high_order_sequences/sequences.json.
+        data_dir: data root, for a relative `file`.
+        file: None: the published sets (`tasks.high_order_sets`); else a file in the schema of
+            `sequences.json` (absolute, or under data_dir).
         endings: 1 | 2 | 4 possible endings per shared subsequence; a prediction is right when
             the truth is among the top `endings` symbols.
         streams: B streams learned at once as one batch by one model, stream i from seed
@@ -79,6 +81,7 @@ class SequenceTask(Task):
     def __init__(
         self,
         data_dir="data",
+        file=None,
         endings=1,
         streams=1,
         relabel="shared",
@@ -102,7 +105,7 @@ class SequenceTask(Task):
             raise ValueError(f"task.window must be >= 1, got {window}")
         if features == "auto":
             features = "prediction" if endings == 1 else "predicted"
-        normal, perturbed = high_order.load_sets(Path(data_dir) / "high_order_sequences" / "sequences.json", endings)
+        normal, perturbed = high_order.load_sets(endings, None if file is None else Path(data_dir) / file)
         self._sets = (normal, perturbed, length, switch_after)
         self._relabel_seed = seed if relabel == "shared" else None
         self.seed, self.rank, self.streams = seed, 0, self._generate(seed, streams)

@@ -247,9 +247,9 @@ def test_bad_settings_are_named(setting, value, match):
         make(**{setting: value}).datamodule()
 
 
-def test_missing_data_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sequences.json"):
-        SequenceTask(data_dir=tmp_path)
+def test_a_missing_sequence_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="task.file=.*sets.json"):
+        SequenceTask(data_dir=tmp_path, file="sets.json")
 
 
 def test_learns_through_the_real_stack_and_harness(tmp_path):

@@ -1,7 +1,6 @@
 """The high-order stream generator and the pure metric functions, on inputs whose answers are
 known by hand."""
 
-import json
 import os
 from pathlib import Path
 
@@ -12,20 +11,24 @@ from tasks.high_order import NOISE_SYMBOLS, accuracy_curve, generate, is_correct
 
 DATA = Path(os.environ.get("PREDICTIVE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 SETS = DATA / "high_order_sequences" / "sequences.json"
-needs_data = pytest.mark.skipif(not SETS.is_file(), reason=f"{SETS} not present")
 
 
-@needs_data
+@pytest.mark.skipif(not SETS.is_file(), reason=f"{SETS} not present (the published copy to compare with)")
+@pytest.mark.parametrize("endings", [1, 2, 4])
+def test_the_shipped_sets_are_the_published_file(endings):
+    assert load_sets(endings) == load_sets(endings, SETS)
+
+
 @pytest.mark.parametrize("endings", [1, 2, 4])
 def test_stream_follows_the_protocol(endings):
-    normal, perturbed = load_sets(SETS, endings)
+    normal, perturbed = load_sets(endings)
     s = generate(normal, perturbed, seed=1)
     n = s.num_symbols
     assert n == {1: 10, 2: 12, 4: 16}[endings]
     assert len(s.symbols) == 20000 and s.switch >= 10000
     assert s.start[s.switch] and not s.start[10000:s.switch].any()  # first boundary at/after 10,000
     starts = np.flatnonzero(s.start)
-    sets = json.loads(SETS.read_text())["sets"][str(endings)]
+    sets = dict(zip(("normal", "perturbed"), load_sets(endings)))
     assert sorted(s.relabel) == list(range(n))
     original = np.argsort(s.relabel)  # stream label -> set symbol
     for a, b in zip(starts[:-1], starts[1:]):
@@ -36,9 +39,8 @@ def test_stream_follows_the_protocol(endings):
     assert set(s.symbols[~s.scored & (s.symbols < n)]) | set(s.symbols[s.scored]) <= set(range(n))
 
 
-@needs_data
 def test_same_seed_same_stream_other_seed_other_labels():
-    normal, perturbed = load_sets(SETS, 1)
+    normal, perturbed = load_sets(1)
     a, b, c = generate(normal, perturbed, 0), generate(normal, perturbed, 0), generate(normal, perturbed, 1)
     assert np.array_equal(a.symbols, b.symbols) and a.switch == b.switch
     assert not np.array_equal(a.symbols[:50], c.symbols[:50])
@@ -46,12 +48,12 @@ def test_same_seed_same_stream_other_seed_other_labels():
 
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="task.endings"):
-        load_sets(SETS, 3)
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        load_sets(tmp_path / "nowhere.json", 1)
+        load_sets(3)
+    with pytest.raises(FileNotFoundError, match="task.file=.*nowhere.json"):
+        load_sets(1, tmp_path / "nowhere.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
-        load_sets(tmp_path / "bad.json", 1)
+        load_sets(1, tmp_path / "bad.json")
 
 
 def test_top_k_correct_ties_count_against():

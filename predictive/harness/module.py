@@ -46,6 +46,7 @@ class PredictiveModule(L.LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"learning.gradient_clip_val must be > 0 or null, got {gradient_clip_val}")
         self.automatic_optimization = False
+        task.check_model(model)
         rule.check(model)
         self.task, self.rule, self.make_optimizer, self.make_scheduler = task, rule, optimizer, scheduler
         self.gradient_clip_val = gradient_clip_val
