@@ -24,7 +24,7 @@ k-WTA's scores (a stochastic k-WTA), the dense layer's pre-activations, the line
 frames; the same regulariser for the sparse and the dense codes.
 
 Prints test accuracy, the noise score (correct answers over the 11 levels) and its ratio to
-the `linear` code's. Figures: docs/results.md, "Speech", session 13. Minutes on a CPU.
+the `linear` code's. Figures: docs/results.md, "Speech". Minutes on a CPU.
 """
 
 import argparse

@@ -134,7 +134,7 @@ def window_start(positions: np.ndarray, length: int, window: int = 100) -> np.nd
 def summarize(
     positions: np.ndarray, correct: np.ndarray, length: int, switch: int, window: int = 100, span: int = 1000
 ) -> dict:
-    """The issue's summary figures for one stream (None where undefined).
+    """The task's summary figures for one stream (None where undefined).
 
     final_accuracy: mean of the curve over the `span` elements before the switch.
     elements_to_95: elements seen (index + 1) when the curve first reaches 95% of it.

@@ -208,7 +208,7 @@ class SequenceTask(Task):
         return high_order.accuracy_curve(positions, correct[positions], self.length, self.window)
 
     def summary(self, ranks: list[dict] | None = None):
-        """The issue's figures; with several streams the mean over streams plus `<key>_std`
+        """The task's figures; with several streams the mean over streams plus `<key>_std`
         (a figure that is undefined in any stream is None). us_per_element is wall time per
         element of one stream divided by the number of streams (throughput). Under DDP
         (`ranks`: every process's `state_dict`, in rank order) over every process's streams."""

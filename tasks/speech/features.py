@@ -61,9 +61,7 @@ class LogMel(nn.Module):
 
     context_frames=c splices each frame with its c neighbours on either side (zeros beyond the
     clip), frames t-c .. t+c side by side: a model that reads one frame per step then sees
-    +-c x hop of the sound at once, as a time-convolution would (c=4, +-40 ms: FSDD local
-    0.953 -> 0.973 test, Speech Commands 0.590 -> 0.680, seed 0, scratch runs of the same
-    model; docs/results.md "Speech", session 6).
+    +-c x hop of the sound at once, as a time-convolution would (c=4: +-40 ms).
     """
 
     def __init__(

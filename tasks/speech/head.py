@@ -27,23 +27,20 @@ class SegmentPoolHead(nn.Module):
 
     span (from `tasks.speech.features.voiced_span`): the segments divide the span of the clip
     that holds the word instead of the whole clip, so the same part of a word lands in the
-    same segment whatever its onset and length. With `context_frames` 4 as well, local test
-    accuracy (seeds 0-2): FSDD 0.957 -> 0.981, Speech Commands 0.618 -> 0.846 (docs/results.md,
-    "Speech", session 6).
+    same segment whatever its onset and length.
 
     cells_per_column > 1 (a temporal-memory stack): the features are first taken per column,
     the largest of its cells (1 when the column is active, whichever of its cells fired). The
     cells tell which context a sound came in; a clip heard in training fires the cells of its
     learned context, a new clip bursts its columns, so a head on single cells sees different
-    features in test than in training (FSDD, measured: 77% test from cells, 95% from columns,
-    docs/results.md "Speech").
+    features in test than in training (docs/results.md, "Speech").
 
     average > 0: the head also keeps an exponential moving average of its weights, decay
     min(average, (1 + n) / (10 + n)) at training step n (the usual warm-up), and answers with
     the average in eval mode (validation, test). A head trained for a few hundred steps on
     noisy, augmented features ends wherever its last steps left it; the average is a better
-    estimate of the weights it was converging to (FSDD local, seeds 0-2: 0.931 -> 0.961 test,
-    docs/results.md "Speech"). Only the head is averaged, never the model below it.
+    estimate of the weights it was converging to. Only the head is averaged, never the model
+    below it.
     """
 
     def __init__(
