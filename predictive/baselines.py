@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from predictive.learning import Backprop, LearningRule
+from predictive.learning import LearningRule
 from predictive.sparse import KWinners, SparseLinear, check_positive, mask_weights
-from predictive.stack import StackOutput, check_input, detach_state
+from predictive.stack import SequenceModel, StackOutput
 
 State = dict[str, torch.Tensor]
 
@@ -25,7 +25,7 @@ def dense_output(x: torch.Tensor, hidden: torch.Tensor, decoder: nn.Module, rule
     return StackOutput(cells=hidden, predicted=hidden, prediction=prediction, anomaly=anomaly, local_loss=local_loss)
 
 
-class LSTMModel(nn.Module):
+class LSTMModel(SequenceModel):
     """torch's LSTM, plus a linear decoder of the next input from the hidden state.
 
     backprop/hybrid: trained by the task loss through time over the chunk (truncated BPTT);
@@ -48,18 +48,7 @@ class LSTMModel(nn.Module):
         shape = (self.num_layers, batch_size, self.hidden_size)
         return {"h": torch.zeros(shape, device=device), "c": torch.zeros(shape, device=device)}
 
-    detach_state = staticmethod(detach_state)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: State,
-        reset: torch.Tensor | None = None,
-        learning: LearningRule | None = None,
-    ) -> tuple[StackOutput, State]:
-        """x: (B, T, D); reset: (B, T) bool or None."""
-        check_input(x, self.input_size)
-        rule = learning or Backprop()
+    def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
         local = rule.is_local(0)
         h, c = state["h"], state["c"]
         if reset is not None and not local and not reset[:, 1:].any():  # resets at the first step only (a clip starts)
@@ -112,7 +101,7 @@ class MapWinners(KWinners):
         return super().forward(steps).unflatten(2, (x.shape[1], x.shape[3])).transpose(1, 2)
 
 
-class ConvNet(nn.Module):
+class ConvNet(SequenceModel):
     """A small CNN: the keyword-spotting CNNs of Ahmad & Scheinkman (2019) (after Sainath &
     Parada 2015), `layers` x (5x5 convolution of `channels` maps over (time, frequency), batch
     norm, ReLU, max-pool 2 over frequency), plus a linear decoder of the next input.
@@ -133,20 +122,12 @@ class ConvNet(nn.Module):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        channels: int = 64,
-        kernel_size: int = 5,
-        layers: int = 2,
+        self, input_size: int, channels: int = 64, kernel_size: int = 5, layers: int = 2,
         frequency_bins: int | None = None,
-        activity: float | list[float] | None = None,
-        weight_sparsity: float | list[float] = 0.0,
-        hidden: int = 0,
-        hidden_activity: float = 0.1,
-        hidden_weight_sparsity: float = 0.9,
-        boost_strength: float = 1.5,
-        boost_strength_factor: float = 1.0,
-        duty_cycle_period: int = 1000,
+        # the sparse CNN's settings
+        activity: float | list[float] | None = None, weight_sparsity: float | list[float] = 0.0,
+        hidden: int = 0, hidden_activity: float = 0.1, hidden_weight_sparsity: float = 0.9,
+        boost_strength: float = 1.5, boost_strength_factor: float = 1.0, duty_cycle_period: int = 1000,
         k_inference_factor: float = 1.0,
     ):
         super().__init__()
@@ -200,18 +181,8 @@ class ConvNet(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {"history": torch.zeros(batch_size, self.history, self.input_size, device=device)}
 
-    detach_state = staticmethod(detach_state)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: State,
-        reset: torch.Tensor | None = None,
-        learning: LearningRule | None = None,
-    ) -> tuple[StackOutput, State]:
-        """x: (B, T, D); reset: (B, T) bool or None (only at t = 0: a clip or stream starts)."""
-        check_input(x, self.input_size)
-        rule = learning or Backprop()
+    def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
+        """reset: only at t = 0 (a clip or stream starts)."""
         self.check_rule(rule)
         history = state["history"]
         if reset is not None:

@@ -14,12 +14,6 @@ from predictive.memory import TemporalMemory, column_activity
 State = dict[str, torch.Tensor]
 
 
-def check_input(x: torch.Tensor, input_size: int) -> None:
-    """A chunk must be (batch, time, input_size)."""
-    if x.dim() != 3 or x.shape[-1] != input_size:
-        raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={input_size})")
-
-
 def detach_state(state: State) -> State:
     """Cut the graph between chunks (truncated BPTT), keeping the values."""
     return {name: value.detach() for name, value in state.items()}
@@ -57,7 +51,28 @@ class StackOutput:
     local_loss: torch.Tensor  # scalar, mean over steps of the non-local layers' local losses
 
 
-class PredictiveStack(nn.Module):
+class SequenceModel(nn.Module):
+    """The surface the harness drives (docs/interfaces.md): `initial_state(B)`, `forward(x,
+    state, reset, learning) -> (StackOutput, state)`, `detach_state`, `output_size`. A model
+    implements `run`, which gets a checked input and a rule (`Backprop()` when none is given:
+    no local updates)."""
+
+    input_size: int
+    detach_state = staticmethod(detach_state)
+
+    def forward(
+        self, x: torch.Tensor, state: State, reset: torch.Tensor | None = None, learning: LearningRule | None = None
+    ) -> tuple[StackOutput, State]:
+        """x: (B, T, D); reset: (B, T) bool (clear that stream's state before step t) or None."""
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, time, input_size={self.input_size})")
+        return self.run(x, state, reset, learning or Backprop())
+
+    def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
+        raise NotImplementedError
+
+
+class PredictiveStack(SequenceModel):
     """L temporal-memory layers.
 
     Online, one record at a time (the state of one set of streams is kept in the module):
@@ -134,8 +149,6 @@ class PredictiveStack(nn.Module):
             for name, value in layer.initial_state(batch_size, device).items()
         }
 
-    detach_state = staticmethod(detach_state)
-
     def layer_states(self, state: State) -> list[State]:
         states = [{} for _ in self.layers]
         for key, value in state.items():
@@ -160,16 +173,7 @@ class PredictiveStack(nn.Module):
             x = step.cells
         return steps, new_states, local_loss
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: State,
-        reset: torch.Tensor | None = None,
-        learning: LearningRule | None = None,
-    ) -> tuple[StackOutput, State]:
-        """x: (B, T, D); reset: (B, T) bool or None; learning: the rule (default backprop)."""
-        check_input(x, self.input_size)
-        rule = learning or Backprop()
+    def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
         if rule.fused and all(fused_supported(layer, rule.hebbian, x) for layer in self.layers):
             return self.forward_fused(x, state, reset, rule)
         states = self.layer_states(state)
