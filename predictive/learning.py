@@ -23,64 +23,39 @@ from predictive.sparse import check_flags
 
 @dataclass
 class PredictiveHebbian:
-    """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t.
+    """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t
+    (docs/core.md walks through each; docs/results.md has what each choice measured).
 
-    - the presynaptic activity a segment learns from is the cells that fired at t-1 and its
-      winners: in a novel column that was predicted through another context's cells, those
-      cells fire but the winner carries this context (`TemporalMemory.predict`), and a
-      segment that grew onto the winner must be reinforced when it sees it again, not
-      weakened because the winner did not fire (on the high-order task that kept a new chain
-      one burst behind per pass: elements to 95% 1,213 -> 1,118, stack alone, seeds 0-5).
-    - segments that predicted a winner, and the best matching segment of a novel column's
-      winner (a bursting column, or one predicted only through a burst's non-winner cells:
-      `TemporalMemory.choose_winners`), are reinforced (+increment on synapses from cells
-      active at t-1, -decrement on the others); the novel winner's segment also grows
-      synapses to the winners of t-1 up to `new_synapses` active ones, and a novel column
-      with no matching segment starts a new segment on its winner (least used cell). A grown synapse starts
-      at `initial_permanence`, by default just below the connection threshold: a transition
-      is predicted once it has been seen twice. A transition seen once is mostly noise (the
-      element after a never-repeating noise symbol, or the noise after a sequence's end);
-      connected at once (initial_permanence >= connected), such chance links fire in other
-      contexts and merge them, and on the high-order stream one stream in three stalled
-      below 0.85 (docs/results.md). `grow_predicted` lets segments that predicted correctly
-      grow too (HTM's rule): after a burst they then also reach the union of the burst's
-      predicted cells, which spreads one context into another.
-    - active segments of cells in columns that did not become active are weakened by
-      `predicted_decrement` when the context at t-1 was itself predicted: a confident
-      prediction that failed. In a known context (`TemporalMemory.predict`) only the cells
-      its winners predicted count: the others that fired are another context's, right or
-      wrong in their own (on the high-order task a shared middle's connected ending was cut
-      each time the other sequence ran along it). A context that burst predicts the union
-      of everything that ever followed it, and most of that union is wrong every time (a
-      symbol followed by several others, or by noise); its segments fade by
-      `burst_decrement`, 0 by default: a burst fires every cell of its columns, so any
-      decrement there also wears down the links of contexts that are right, each time
-      their symbol bursts somewhere else. On the high-order task 0.03 kept a sequence's
-      ending from connecting until the other sequences stopped bursting (elements to 95%
-      1,349 -> 1,218 at 0, two endings 0.970 -> 1.000, seeds 0-2).
-      With `permanence_increment` 0.12 and `predicted_decrement` 0.08 a context followed by
-      either of two symbols keeps both (+0.12 half the time, -0.08 the other half), and a
-      continuation that stopped coming fades in about six occurrences: on the high-order
-      task recovery after the switch takes 1,224 elements, against 1,314 at 0.1 / 0.05.
-    - the decoder learns the next input from the predicted columns (normalized delta rule),
-      and, at `decoder_code_rate`, the current input from the active columns (the same
-      mapping, column code -> input, seen at every step): a column then decodes to its input
-      from the first time it is active, not from the first time it is predicted right (on
-      the high-order task elements to 95% 1,118 -> 1,074, recovery 1,204 -> 1,119, stack
-      alone, seeds 0-5). It does not learn from a known context's prediction (its winners'
-      recall or the burst's union): the input that follows is this context's, and the pair
-      would teach it that another context's columns mean it. Its bias (the mean input) is
-      learned only with `decoder_bias`: it adds a frequency prior that, on the high-order
-      task with two possible endings, outranked the two predicted endings (top-2 accuracy
-      0.71 with it, 0.86 without, 10,000 elements).
-    - the feedforward map moves each active column's weights toward its input (competitive
-      learning) at `feedforward_rate` (0: the column code stays fixed).
-    - a new segment takes its cell's least recently learned slot, where a segment with a
-      connected synapse counts as learned `connected_grace` steps later than it was: a link
-      seen once and never again (most are grown towards noise) goes before an established
-      one of about the same age. With many streams such links come many times faster than
-      any one stream's sequences recur; at 0 (plain LRU) 16 streams of the high-order task
-      fell to final accuracy 0.943, at 30 they stay at 1.000 (docs/results.md).
+    - Presynaptic activity: the cells that fired at t-1 and its winners (in a column that a
+      known context predicted through another context's cells, the winner carries this
+      context and must be reinforced when seen again, not weakened for not firing).
+    - Reinforced: segments that predicted a winner, and the best matching segment of a novel
+      column's winner (+`permanence_increment` on synapses from active cells,
+      -`permanence_decrement` on the others). The novel winner's segment also grows synapses
+      to the winners of t-1, up to `new_synapses` active ones; a novel column with no
+      matching segment starts a new segment on its winner. A grown synapse starts at
+      `initial_permanence`, below connected: a transition is predicted once seen twice, so
+      chance links (towards never-repeating noise) do not fire in other contexts and merge
+      them. `grow_predicted` lets correctly predicting segments grow too (HTM's rule; after a
+      burst it spreads one context into another).
+    - Weakened: active segments of cells in columns that stayed inactive, by
+      `predicted_decrement` when the context at t-1 was predicted (a confident prediction
+      failed; in a known context only its winners' predictions count), by `burst_decrement`
+      after a burst (0 by default: a burst fires every cell of its columns, and any
+      decrement there wears down contexts that are right). With the defaults a context
+      followed by either of two symbols keeps both, and a continuation that stopped coming
+      fades in about six occurrences.
+    - The decoder learns the next input from the predicted columns (normalised delta rule)
+      and, at `decoder_code_rate`, the current input from the active columns (a column
+      decodes to its input from its first activity). Not from a known context's
+      prediction: those columns are other contexts'. Its bias (the mean input, a frequency
+      prior) learns only with `decoder_bias`.
+    - The feedforward map moves each active column's weights toward its input at
+      `feedforward_rate` (0: the column code stays fixed).
+    - A new segment takes its cell's least recently learned slot, a segment with a connected
+      synapse counting as `connected_grace` steps younger: links seen once and never again
+      go before established ones of about the same age (with many streams such links come
+      many times faster than any stream's sequences recur).
     """
 
     permanence_increment: float = 0.12

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Real data sets beside the repository (../shared/data), unless the caller points elsewhere.
 os.environ.setdefault("PREDICTIVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ["PREDICTIVE_DATA_DIR"])
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never talk to the wandb servers
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)  # many small ops per time step: one thread is faster (see configs/config.yaml)
@@ -22,6 +23,12 @@ TINY = [
     "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=1",
     "trainer.log_every_n_steps=1", "logger=csv",
 ]
+
+
+def needs_data(*parts: str):
+    """Skip a test whose data set (under the data root) is not there, saying which."""
+    path = DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (shared data; PREDICTIVE_DATA_DIR)")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, needs_data
 
 from tasks.speech import datasets as ds
 from tasks.speech.audio import AudioError, fix_length, load_clip, read_wav
@@ -14,11 +15,10 @@ from tasks.speech.augment import Augment
 from tasks.speech.data import ClipSet, NoiseSweep, decode
 from tasks.speech.features import LogMel, frame_energy, mel_filterbank
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSC = DATA / "speech_commands_v0.02_test"
 FSDD = DATA / "fsdd"
-needs_gsc = pytest.mark.skipif(not GSC.is_dir(), reason="shared Speech Commands copy not present")
-needs_fsdd = pytest.mark.skipif(not FSDD.is_dir(), reason="shared FSDD copy not present")
+needs_gsc = needs_data("speech_commands_v0.02_test")
+needs_fsdd = needs_data("fsdd")
 
 
 def write_wav(path, x, rate):

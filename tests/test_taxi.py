@@ -2,18 +2,17 @@
 per-element learning, metrics by hand, and a pass over the real taxi series with the head on
 the encoder's codes."""
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA, needs_data
 
 from tasks.taxi import BucketHead, TaxiTask, bucket_nll, mape, nrmse, read_series, soft_targets
 
-DATA = Path(os.environ["PREDICTIVE_DATA_DIR"])  # set by conftest.py
 TAXI = DATA / "sequence_prediction" / "nyc_taxi.csv"
+pytestmark = needs_data("sequence_prediction", "nyc_taxi.csv")
 
 
 def write(path, text):
