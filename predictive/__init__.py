@@ -8,16 +8,16 @@ compiled local step on a CPU. The Lightning harness lives in `predictive.harness
 
 from predictive.baselines import ConvNet, LSTMModel
 from predictive.dendrites import DendriticSegments, DistalSegments
-from predictive.learning import Backprop, Hybrid, LearningRule, Local, PredictiveHebbian
+from predictive.learning import Backprop, Frozen, Hybrid, LearningRule, Local, PredictiveHebbian
 from predictive.learning import build as build_rule
 from predictive.memory import LayerStep, TemporalMemory
 from predictive.sparse import KWinners, SparseLinear, kwinners
-from predictive.stack import PredictiveStack, StackOutput
+from predictive.stack import PredictiveStack, StackOutput, StepOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backprop", "ConvNet", "DendriticSegments", "DistalSegments", "Hybrid", "KWinners", "LSTMModel", "LayerStep",
-    "LearningRule", "Local", "PredictiveHebbian", "PredictiveStack", "SparseLinear", "StackOutput",
-    "TemporalMemory", "build_rule", "kwinners",
+    "Backprop", "ConvNet", "DendriticSegments", "DistalSegments", "Frozen", "Hybrid", "KWinners", "LSTMModel",
+    "LayerStep", "LearningRule", "Local", "PredictiveHebbian", "PredictiveStack", "SparseLinear", "StackOutput",
+    "StepOutput", "TemporalMemory", "build_rule", "kwinners",
 ]

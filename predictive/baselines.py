@@ -175,8 +175,8 @@ class ConvNet(SequenceModel):
 
     def check_rule(self, rule: LearningRule) -> None:
         """Called by `LearningRule.check` before training: the CNN learns by gradient only."""
-        if rule.is_local(0):
-            raise ValueError("model=cnn has no local learning rule: use learning=backprop or learning=hybrid")
+        if rule.is_local(0) and rule.trains_model:
+            raise ValueError("model=cnn has no local learning rule: use learning=backprop, hybrid or frozen")
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return {"history": torch.zeros(batch_size, self.history, self.input_size, device=device)}

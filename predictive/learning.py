@@ -237,6 +237,7 @@ class LearningRule:
     name = "base"
     local_loss_weight = 0.0
     task_loss_trains_model = True
+    trains_model = True  # False: the model stays as initialised (`Frozen`)
     grows_segments = False  # do gradient-trained layers also grow segments (structural_update)?
     fused = False  # every layer learns by `hebbian` alone: may run compiled (predictive.fused)
 
@@ -356,11 +357,24 @@ class Hybrid(Local):
         )
 
 
-RULES = {rule.name: rule for rule in (Local, Backprop, Hybrid)}
+class Frozen(LearningRule):
+    """The layers keep their initialisation: no local update, no gradient, no running
+    statistics (the harness keeps the model in eval mode). The head and the encoder learn
+    as under `Local`, from detached features: the floor that local learning must rise above."""
+
+    name = "frozen"
+    task_loss_trains_model = False
+    trains_model = False
+
+    def is_local(self, layer_index: int) -> bool:
+        return True  # input and state detached, no update (`update` does nothing)
+
+
+RULES = {rule.name: rule for rule in (Local, Backprop, Hybrid, Frozen)}
 
 
 def build(name: str = "local", **settings) -> LearningRule:
-    """A learning rule by name: local | backprop | hybrid."""
+    """A learning rule by name: local | backprop | hybrid | frozen."""
     if name not in RULES:
         raise ValueError(f"learning rule must be one of {sorted(RULES)}, got {name!r}")
     return RULES[name](**settings)

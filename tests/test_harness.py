@@ -10,6 +10,7 @@ import sys
 import time
 from itertools import product
 
+import lightning as L
 import pytest
 import torch
 from conftest import ROOT, TINY
@@ -41,7 +42,7 @@ def cli(*args, timeout=240):
 
 def test_every_combination_composes(tmp_path):
     assert {"sequence", "speech", "taxi"} <= set(GROUPS["task"])
-    assert {"local", "backprop", "hybrid"} == set(GROUPS["learning"])
+    assert {"local", "backprop", "hybrid", "frozen"} == set(GROUPS["learning"])
     assert {"stack", "lstm"} <= set(GROUPS["model"]) and {"cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
     # trainer and logger are independent of the rest: pair each with one combination.
     runtime = list(product(GROUPS["trainer"], GROUPS["logger"]))
@@ -172,6 +173,22 @@ def test_step_values_are_logged_when_lightning_writes_them_and_at_the_end(tmp_pa
     assert [r["step"] for r in written] == ["2"]  # batch 3 of 4
     reference = {r["step"]: r for r in rows(out) if r["train/loss"]}
     assert len(reference) == 4 and written[0] == reference["2"]
+
+
+@pytest.mark.parametrize("model", ["stack", "lstm"])
+def test_a_frozen_model_ends_as_it_started(tmp_path, model):
+    # learning=frozen: the floor of every comparison. The head learns; no parameter or
+    # buffer of the model moves (no local update, no gradient, no duty cycle).
+    base = TINY if model == "stack" else [o for o in TINY if not o.startswith("model.")]
+    cfg = config(tmp_path, "learning=frozen", f"model={model}", base=base)
+    train.train(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # as train.py builds it
+    task = instantiate(cfg.task)
+    start = instantiate(cfg.model, input_size=task.input_size).state_dict()
+    end = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(start[k], end[f"model.{k}"]) for k in start)
+    head = [k for k in end if k.startswith("head.")]
+    assert head, "the head is trained"
 
 
 def test_the_printed_headline_has_the_task_figures_and_counts():

@@ -48,6 +48,8 @@ class PredictiveModule(L.LightningModule):
         self.automatic_optimization = False
         task.check_model(model)
         rule.check(model)
+        if not rule.trains_model:
+            model.requires_grad_(False)
         self.task, self.rule, self.make_optimizer, self.make_scheduler = task, rule, optimizer, scheduler
         self.gradient_clip_val = gradient_clip_val
         self.encoder, self.model = task.encoder, model
@@ -57,6 +59,12 @@ class PredictiveModule(L.LightningModule):
         self.stream_state = None  # streaming tasks: the B streams' model state between batches
         self.time_steps = 0  # B x T summed over training batches (throughput)
         self._rng_to_restore = None
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int):
+        # Under a rule that leaves the model as initialised (`Frozen`) it runs in eval mode:
+        # no k-WTA duty cycle or batch-norm statistic moves either (Lightning sets train mode).
+        if not self.rule.trains_model:
+            self.model.eval()
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
