@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -112,3 +113,43 @@ def test_ddp_learns_what_one_process_learns_from_every_stream(tmp_path, learning
     figures = {k: v for k, v in one_summary.items() if k not in TIMINGS and "/" not in k}
     assert figures == {k: two_summary[k] for k in figures}
     assert figures["streams"] == 2 and figures["mean_anomaly"] < 0.6  # the model did learn to predict
+
+
+def _gather_in_process(rank: int, init_file: str, errors):
+    from predictive.harness.module import gather_streams
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        x = torch.full((2, 3, 4), float(rank), requires_grad=True)  # 2 streams per process
+        reset = torch.tensor([[rank == 1, False, False], [False, False, True]])
+        inputs, resets, own = gather_streams(x, reset)
+        assert inputs.shape == (4, 3, 4) and own == slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(inputs[:, 0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))  # rank order
+        assert resets[:, 0].tolist() == [False, False, True, False]
+        assert resets[:, 2].tolist() == [False, True, False, True]
+        inputs[own].sum().backward()  # the own rows are x, with its graph
+        assert torch.equal(x.grad, torch.ones_like(x))
+        try:
+            gather_streams(torch.zeros(1 + rank, 3, 4), None)  # one process has one stream more
+            errors.put(f"rank {rank}: no error for batches of different shapes")
+        except ValueError as e:
+            assert "differ in shape: [(1, 3, 4), (2, 3, 4)]" in str(e), e
+    except AssertionError:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_streams_stacks_every_process_batch_in_rank_order(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    processes = [context.Process(target=_gather_in_process, args=(r, str(tmp_path / "init"), errors)) for r in (0, 1)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, problems
