@@ -11,8 +11,17 @@ Streaming tasks carry the model state of their B streams from one batch to the n
 state, the task's metric state and the RNG states go into every checkpoint so that a resumed
 run continues exactly where it stopped (the stream position is the datamodule's, see
 `tasks.base.StreamDataModule`).
+
+Under DDP, N processes with B streams each learn what one process with N x B streams learns.
+Gradients are averaged by DDP. Layers that the rule changes inside the forward pass (local
+updates, grown segments) would learn N different models from N sets of streams, and an
+update at step t changes what every stream does at t+1, so no merge after the chunk can
+undo that: instead every process runs the layers on every process's streams (`gather_streams`),
+the same computation everywhere, and keeps its own streams' outputs for its head and metrics.
 """
 
+import dataclasses
+import hashlib
 import io
 import random
 import warnings
@@ -23,6 +32,9 @@ import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+
+from predictive.memory import TemporalMemory
+from predictive.sparse import KWinners
 
 # Checkpoints are taken after the optimizer step on purpose: together with the stream position
 # (advanced at the end of each step) they describe a consistent point to resume from.
@@ -56,9 +68,11 @@ class PredictiveModule(L.LightningModule):
         # "prediction" is the model's decoded next input, so it is as wide as the input.
         feature_size = task.input_size if task.features == "prediction" else model.output_size
         self.head = task.build_head(feature_size)
-        self.stream_state = None  # streaming tasks: the B streams' model state between batches
+        self.stream_state = None  # streaming tasks: the streams' model state between batches
         self.time_steps = 0  # B x T summed over training batches (throughput)
+        self.learns_in_forward = learns_in_forward(model, rule)
         self._rng_to_restore = None
+        self._rng_after_build = get_rng_state()
 
     def on_train_batch_start(self, batch: dict, batch_idx: int):
         # Under a rule that leaves the model as initialised (`Frozen`) it runs in eval mode:
@@ -73,26 +87,42 @@ class PredictiveModule(L.LightningModule):
         scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    @property
+    def shares_streams(self) -> bool:
+        """Does every process run every process's streams through the model (DDP, and layers
+        that learn inside the forward pass)? Then the stream state holds all N x B streams."""
+        return self.learns_in_forward and self.trainer.world_size > 1
+
     def run(self, batch: dict, state, learn: bool):
-        """encoder -> model -> head over one batch; returns (head_out, out, new state)."""
+        """encoder -> model -> head over one batch, from `state` (None: a fresh one); returns
+        (head_out, out, new state). `out` and `head_out` are this process's streams'."""
         x = self.encoder(batch)
         check_finite(x, "encoded input")
         reset = self.task.reset_mask(batch)
-        out, state = self.model(x, state, reset=reset, learning=self.rule if learn else None)
+        inputs, resets, own = x, reset, None
+        if learn and self.shares_streams:
+            inputs, resets, own = gather_streams(x, reset)
+        if state is None:
+            state = self.model.initial_state(inputs.shape[0], self.device)
+        out, state = self.model(inputs, state, reset=resets, learning=self.rule if learn else None)
+        out = out if own is None else select_streams(out, own)
         features = self.rule.head_features(getattr(out, self.task.features))
         head_out = self.head(features, **self.task.head_inputs(x, batch))
         self.time_steps += x.shape[0] * x.shape[1] if learn else 0
         return head_out, out, state
 
-    def initial_state(self, batch: dict):
-        batch_size = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        return self.model.initial_state(batch_size, self.device)
+    def on_fit_start(self):
+        if self.trainer.world_size > 1:
+            # Lightning's DDP re-seeds every process as it joins the group, after the model was
+            # built; continuing from the build's RNG state, every process draws what one
+            # process draws (the layers' random tie-breaks and growth samples among them).
+            set_rng_state(self._rng_after_build)
 
     def training_step(self, batch: dict, batch_idx: int):
         if self._rng_to_restore is not None:  # resumed: continue the RNG streams of the stopped run
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-        state = self.initial_state(batch)
+        state = None
         if self.task.streaming and self.stream_state is not None:
             state = {k: v.to(self.device) for k, v in self.stream_state.items()}
         head_out, out, state = self.run(batch, state, learn=True)
@@ -111,8 +141,8 @@ class PredictiveModule(L.LightningModule):
         if self.task.streaming:
             self.stream_state = self.model.detach_state(state)
             self.trainer.datamodule.position += 1  # this chunk is learned: a resume starts after it
-        if self.trainer.world_size > 1:
-            self.average_model()
+        if self.trainer.world_size > 1 and not self.learns_in_forward:
+            self.average_duty_cycles()
         if self.logging_step():
             self.log_dict({"train/loss": loss.detach(), "train/task_loss": task_loss.detach(),
                            "train/local_loss": out.local_loss.detach().float()}, prog_bar=True)
@@ -138,7 +168,7 @@ class PredictiveModule(L.LightningModule):
 
     def evaluate(self, stage: str, batch: dict):
         """Validation and test: independent batches from a fresh state; the model does not learn."""
-        head_out, out, _ = self.run(batch, self.initial_state(batch), learn=False)
+        head_out, out, _ = self.run(batch, None, learn=False)
         self.log(f"{stage}/loss", self.task.loss(head_out, batch), batch_size=len(next(iter(batch.values()))))
         self.task.update_metrics(stage, head_out, batch, out)
 
@@ -161,23 +191,16 @@ class PredictiveModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
 
     @torch.no_grad()
-    def average_model(self):
-        """DDP: the processes learn different streams, and in local mode nothing synchronizes
-        them (DDP only averages gradients), so after every chunk the model's floating-point
-        parameters and buffers are averaged and the integer ones (e.g. synapse indices) taken
-        from process 0, keeping one model across processes. Under backprop the gradients were
-        already averaged; this only aligns buffers such as duty cycles."""
-        strategy = self.trainer.strategy
-        tensors = self.model.state_dict(keep_vars=True)
-        others = {}
-        with torch.no_grad():  # in place on the tensors themselves, so that caches see the change
-            for name, t in tensors.items():
-                if t.is_floating_point():
-                    t.copy_(strategy.reduce(t.detach().clone(), reduce_op="mean"))
-                else:
-                    others[name] = t.detach()
-            for name, t in strategy.broadcast(others, src=0).items():
-                tensors[name].copy_(t)
+    def average_duty_cycles(self):
+        """DDP, no layer learning inside the forward pass (backprop): the averaged gradients
+        keep the parameters one model, but each process's k-WTA duty cycles count its own
+        samples; averaged after every step, every process boosts alike (a duty cycle's horizon,
+        `duty_cycle_period`, then counts the samples of one process)."""
+        duty = [m.duty_cycle for m in self.model.modules() if isinstance(m, KWinners)]
+        if duty:
+            mean = self.trainer.strategy.reduce(torch.cat(duty), reduce_op="mean")
+            for t, part in zip(duty, mean.split([t.numel() for t in duty])):
+                t.copy_(part)
 
     def on_save_checkpoint(self, checkpoint: dict):
         # On the CPU: gathered from another process, a CUDA tensor would land on that one's device.
@@ -185,8 +208,12 @@ class PredictiveModule(L.LightningModule):
         own = {"stream_state": streams, "task_state": self.task.state_dict(), "rng": get_rng_state()}
         checkpoint.update(own)
         checkpoint["time_steps"] = self.time_steps
-        if self.trainer.world_size > 1:  # DDP: every process has its own streams, metrics and RNG
-            checkpoint["ranks"] = gather_objects(own)
+        if self.trainer.world_size > 1:  # DDP: every process has its own metrics and RNG (and streams)
+            if self.shares_streams:  # every process holds all N x B streams: saved once
+                del own["stream_state"]
+            ranks = gather_objects({**own, "model": model_digest(self.model)})
+            check_one_model([r.pop("model") for r in ranks], self.global_step)
+            checkpoint["ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict):
         if self.task.streaming and self.trainer.state.fn == TrainerFn.FITTING:
@@ -213,6 +240,60 @@ class PredictiveModule(L.LightningModule):
             raise ValueError(f"the checkpoint holds the streams of {saved} process(es), this run has {world}: "
                              "resume with the devices and nodes it was saved with")
         return checkpoint if ranks is None else {**checkpoint, **ranks[self.global_rank]}
+
+
+def learns_in_forward(model: nn.Module, rule) -> bool:
+    """Does `rule` change the temporal-memory layers of `model` inside the forward pass, from
+    every stream at every step (local updates, or segments grown in gradient-trained layers)?"""
+    layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
+    return any(rule.is_local(i) or rule.grows_segments for i in range(len(layers)))
+
+
+def gather_streams(x: torch.Tensor, reset: torch.Tensor | None):
+    """DDP: every process's chunk, in rank order, on every process. x (B, T, D) -> (N B, T, D),
+    reset (B, T) or None likewise, and the rows of this process's streams. Those rows are x
+    itself, so that a gradient still reaches the encoder through them."""
+    width = x.shape[-1]
+    packed = x.detach() if reset is None else torch.cat([x.detach(), reset.unsqueeze(-1).to(x.dtype)], -1)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    shape = torch.tensor(packed.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    torch.distributed.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(
+            f"under DDP, layers that learn as they run take every process's batch, and these differ in shape: "
+            f"{[tuple(s.tolist()) for s in shapes]} (batch, time, width); give every process batches of one shape"
+        )
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    torch.distributed.all_gather(parts, packed)
+    resets = None if reset is None else torch.cat([p[..., width] > 0 for p in parts])
+    inputs = torch.cat([x if r == rank else p[..., :width] for r, p in enumerate(parts)])
+    b = x.shape[0]
+    return inputs, resets, slice(rank * b, (rank + 1) * b)
+
+
+def select_streams(out, rows: slice):
+    """The model output's (a dataclass of tensors) fields for the streams `rows`; scalars stay."""
+    fields = {k: getattr(out, k) for k in out.__dataclass_fields__}
+    return dataclasses.replace(out, **{k: v[rows] for k, v in fields.items() if torch.is_tensor(v) and v.dim()})
+
+
+def model_digest(model: nn.Module) -> str:
+    """A hash of every parameter and buffer of `model`, bit for bit."""
+    digest = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_one_model(digests: list[str], step: int) -> None:
+    """DDP keeps one model on every process (averaged gradients, identical local updates)."""
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"under DDP the processes' models differ after {step} steps: something was computed differently "
+            "on each process (random numbers drawn per process, or nondeterministic ops: trainer.deterministic)"
+        )
 
 
 def check_finite(t: torch.Tensor, what: str | Callable[[], str]):
