@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # each test starts processes and runs a stream in them
+
 
 @pytest.mark.parametrize("learning", ["local", "backprop"])
 def test_ddp_two_cpu_processes(tmp_path, learning):

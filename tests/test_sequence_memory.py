@@ -14,6 +14,7 @@ one (`stack.step`); the compiled path is checked against them in tests/test_fuse
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from predictive.learning import build
@@ -27,6 +28,7 @@ LAYER = dict(
 )
 
 
+@pytest.mark.slow
 def test_local_online_learning_holds_high_order_context():
     torch.manual_seed(0)
     normal, perturbed = load_sets(endings=1)
