@@ -50,12 +50,53 @@ def load_sets(endings: int, path: str | Path | None = None) -> tuple[list[list[i
         return PUBLISHED[endings]["normal"], PUBLISHED[endings]["perturbed"]
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task.file={path}: no such sequence-set file")
+        raise FileNotFoundError(f"task.set={path}: no such sequence-set file")
     try:
         sets = json.loads(path.read_text())["sets"][str(endings)]
         return sets["normal"], sets["perturbed"]
     except (json.JSONDecodeError, KeyError) as e:
         raise ValueError(f"{path}: not a sequence-set file (expected sets/{endings}/normal|perturbed): {e!r}") from e
+
+
+def generate_sets(
+    symbols: int, sequences: int, middle: int, endings: int = 1, seed: int = 0
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(normal, perturbed) sets of the published protocol's shape, drawn at random: groups of
+    2 x `endings` sequences share a middle of `middle` symbols (distinct within it); the two
+    first elements of a group decide which `endings` symbols can end it, `middle` + 1 steps
+    later; the perturbed set gives each first element the other's endings. First elements
+    and endings are drawn from the symbols outside their group's middle. Symbols repeat
+    across middles about sequences / (2 endings) x middle / symbols times."""
+    if endings not in ENDINGS:
+        raise ValueError(f"task.endings must be one of {ENDINGS}, got {endings}")
+    group = 2 * endings
+    if sequences < group or sequences % group:
+        raise ValueError(f"task.set_sequences={sequences}: must be a positive multiple of 2 x endings = {group}")
+    if middle < 1:
+        raise ValueError(f"task.set_middle={middle}: must be >= 1")
+    if symbols < middle + 2 + group:
+        raise ValueError(f"task.set_symbols={symbols}: a middle of {middle} plus 2 first elements and {group} "
+                         f"endings outside it need at least {middle + 2 + group} symbols")
+    rng = np.random.default_rng(seed)
+    normal, perturbed, prefixes = [], [], set()
+    while len(normal) < sequences:
+        order = rng.permutation(symbols)
+        shared, (a, b), ends = list(order[:middle]), order[middle : middle + 2], order[middle + 2 : middle + 2 + group]
+        if (a, *shared) in prefixes or (b, *shared) in prefixes:
+            continue  # one prefix, one set of endings: otherwise an ending is not decided by its start
+        prefixes |= {(a, *shared), (b, *shared)}
+        ends_a, ends_b = ends[:endings], ends[endings:]
+        for first, mine, other in ((a, ends_a, ends_b), (b, ends_b, ends_a)):
+            normal += [[int(first), *map(int, shared), int(e)] for e in mine]
+            perturbed += [[int(first), *map(int, shared), int(e)] for e in other]
+    return normal, perturbed
+
+
+def write_sets(path: str | Path, sets: dict[int, tuple[list[list[int]], list[list[int]]]], **about) -> None:
+    """Sets in the schema `load_sets` reads, `{endings: (normal, perturbed)}`, with `about`
+    (how they were made) beside them."""
+    body = {**about, "sets": {str(e): {"normal": n, "perturbed": p} for e, (n, p) in sets.items()}}
+    Path(path).write_text(json.dumps(body, indent=1))
 
 
 def generate(

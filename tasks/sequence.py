@@ -54,9 +54,11 @@ class SequenceTask(Task):
     """The high-order sequence stream (`tasks.high_order`).
 
     Args:
-        data_dir: data root, for a relative `file`.
-        file: None: the published sets (`tasks.high_order_sets`); else a file in the schema of
-            `sequences.json` (absolute, or under data_dir).
+        data_dir: data root, for a relative path in `set`.
+        set: "published" (Cui et al. 2016, `tasks.high_order_sets`), "generated" (drawn by
+            `tasks.high_order.generate_sets` from set_symbols, set_sequences, set_middle and
+            set_seed), or a file in the schema of `sequences.json` (absolute, or under data_dir).
+            The sets a run used are written to <output_dir>/sequences.json.
         endings: 1 | 2 | 4 possible endings per shared subsequence; a prediction is right when
             the truth is among the top `endings` symbols.
         streams: B streams learned at once as one batch by one model, stream i from seed
@@ -81,7 +83,12 @@ class SequenceTask(Task):
     def __init__(
         self,
         data_dir="data",
-        file=None,
+        set="published",
+        set_symbols=16,
+        set_sequences=16,
+        set_middle=9,
+        set_seed=0,
+        output_dir=None,
         endings=1,
         streams=1,
         relabel="shared",
@@ -105,7 +112,15 @@ class SequenceTask(Task):
             raise ValueError(f"task.window must be >= 1, got {window}")
         if features == "auto":
             features = "prediction" if endings == 1 else "predicted"
-        normal, perturbed = high_order.load_sets(endings, None if file is None else Path(data_dir) / file)
+        if set == "generated":
+            normal, perturbed = high_order.generate_sets(set_symbols, set_sequences, set_middle, endings, set_seed)
+        else:
+            normal, perturbed = high_order.load_sets(endings, None if set == "published" else Path(data_dir) / set)
+        if output_dir is not None:
+            about = {"set": str(set)} | ({"symbols": set_symbols, "sequences": set_sequences, "middle": set_middle,
+                                          "seed": set_seed} if set == "generated" else {})
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            high_order.write_sets(Path(output_dir) / "sequences.json", {endings: (normal, perturbed)}, **about)
         self._sets = (normal, perturbed, length, switch_after)
         self._relabel_seed = seed if relabel == "shared" else None
         self.seed, self.rank, self.streams = seed, 0, self._generate(seed, streams)

@@ -248,8 +248,8 @@ def test_bad_settings_are_named(setting, value, match):
 
 
 def test_a_missing_sequence_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="task.file=.*sets.json"):
-        SequenceTask(data_dir=tmp_path, file="sets.json")
+    with pytest.raises(FileNotFoundError, match="task.set=.*sets.json"):
+        SequenceTask(data_dir=tmp_path, set="sets.json")
 
 
 def test_learns_through_the_real_stack_and_harness(tmp_path):

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.high_order import NOISE_SYMBOLS, accuracy_curve, generate, is_correct, load_sets, summarize
+from tasks.high_order import (
+    NOISE_SYMBOLS,
+    accuracy_curve,
+    generate,
+    generate_sets,
+    is_correct,
+    load_sets,
+    summarize,
+)
 
 DATA = Path(os.environ.get("PREDICTIVE_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 SETS = DATA / "high_order_sequences" / "sequences.json"
@@ -49,7 +57,7 @@ def test_same_seed_same_stream_other_seed_other_labels():
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="task.endings"):
         load_sets(3)
-    with pytest.raises(FileNotFoundError, match="task.file=.*nowhere.json"):
+    with pytest.raises(FileNotFoundError, match="task.set=.*nowhere.json"):
         load_sets(1, tmp_path / "nowhere.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
@@ -91,3 +99,39 @@ def test_summary_undefined_parts_are_none():
     s = summarize(positions, np.zeros(10, bool), length=30, switch=5, window=4, span=5)
     assert s["final_accuracy"] is None and s["elements_to_95"] is None and s["recovery_elements"] is None
     assert s["end_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("endings", [1, 2, 4])
+def test_generated_sets_follow_the_protocol(endings):
+    normal, perturbed = generate_sets(symbols=20, sequences=8 * endings, middle=9, endings=endings, seed=3)
+    assert len(normal) == len(perturbed) == 8 * endings
+    assert all(len(s) == 11 for s in normal)  # first, a middle of 9, the ending
+    for sets in (normal, perturbed):
+        decided = {}
+        for seq in sets:  # the ending depends on the first element alone, given the middle
+            decided.setdefault((seq[0], *seq[1:-1]), set()).add(seq[-1])
+        assert all(len(e) == endings for e in decided.values())
+    by_prefix = lambda sets: {tuple(s[:-1]): set() for s in sets}  # noqa: E731
+    assert by_prefix(normal) == by_prefix(perturbed)  # same prefixes ...
+    assert all(s not in normal for s in perturbed)  # ... other endings after the switch
+    assert generate_sets(20, 8 * endings, 9, endings, seed=4) != (normal, perturbed)
+    assert generate_sets(20, 8 * endings, 9, endings, seed=3) == (normal, perturbed)
+
+
+@pytest.mark.parametrize("settings, name", [
+    (dict(symbols=12, sequences=8, middle=9), "task.set_symbols=12"),  # 9 + 2 + 2 > 12
+    (dict(symbols=20, sequences=6, middle=4, endings=2), "task.set_sequences=6"),
+    (dict(symbols=20, sequences=8, middle=0), "task.set_middle=0"),
+])
+def test_impossible_generated_sets_are_named(settings, name):
+    with pytest.raises(ValueError, match=name):
+        generate_sets(**settings)
+
+
+def test_a_run_writes_the_sets_it_used(tmp_path):
+    from tasks.sequence import SequenceTask
+
+    SequenceTask(set="generated", set_symbols=14, set_sequences=8, set_middle=6, output_dir=tmp_path, length=200)
+    written = tmp_path / "sequences.json"
+    assert load_sets(1, written) == generate_sets(14, 8, 6, 1, 0)
+    SequenceTask(set=str(written), length=200)  # a written file reads back as a set
