@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.callbacks import RunSummary
+from predictive.harness.files import AtomicCheckpointIO
 from predictive.harness.module import PredictiveModule
 
 
@@ -60,7 +61,8 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(build(cfg.progress_bar, "progress_bar"))
-    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir)
+    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
+                    plugins=[AtomicCheckpointIO()])
     datamodule = task.datamodule(rank=trainer.global_rank)  # under DDP each rank its own streams
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -2,7 +2,6 @@
 whose last.ckpt is the trained model, and the Lightning callback that measures throughput and
 memory and writes summary.json and curve plots, and sends the tasks' figures to wandb."""
 
-import json
 import netrc
 import os
 import resource
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from predictive.harness.files import save_figure, write_json
 from predictive.harness.module import gather_objects
 
 
@@ -147,7 +147,7 @@ class RunSummary(L.Callback):
     def write(self, trainer, pl_module):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.summary(trainer, pl_module)
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        write_json(self.output_dir / "summary.json", summary, indent=2, default=float)
 
     @rank_zero_only
     def plot_curves(self, trainer, pl_module):
@@ -160,14 +160,14 @@ class RunSummary(L.Callback):
         import matplotlib.pyplot as plt
 
         as_lists = {k: [list(x), list(y)] for k, (x, y) in curves.items()}
-        (self.output_dir / "curves.json").write_text(json.dumps(as_lists))
+        write_json(self.output_dir / "curves.json", as_lists)
         for name, (x, y) in curves.items():
             fig, ax = plt.subplots(figsize=(6, 3.5))
             ax.plot(x, y)
             ax.set(xlabel="elements seen", ylabel=name, title=f"{name} ({self.info.get('learning', '')})")
             ax.grid(alpha=0.3)
             path = self.output_dir / f"curve_{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
+            save_figure(fig, path, dpi=100, bbox_inches="tight")
             plt.close(fig)
             log_images(trainer, {f"curves/{name}": path})
 

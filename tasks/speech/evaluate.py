@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from predictive.harness.files import write_json
 from predictive.harness.module import PredictiveModule
 
 
@@ -39,7 +40,7 @@ def evaluate(ckpt: str, overrides: list[str]) -> dict:
     trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(out_dir))
     trainer.test(module, datamodule=task.datamodule(), ckpt_path=str(ckpt))
     summary = task.summary()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary, indent=2)
     return summary
 
 

@@ -1,6 +1,5 @@
 """SpeechTask: spoken-word classification from raw audio, one log-mel frame per time step."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from predictive.harness.files import save_figure, write_json
 from tasks.base import Task
 
 from . import datasets as ds
@@ -258,9 +258,9 @@ class SpeechTask(Task):
                 ax.text(j, i, v, ha="center", va="center", fontsize=7)
         fig.tight_layout()
         self.confusion_png = out / "confusion_test.png"
-        fig.savefig(self.confusion_png, dpi=100)
+        save_figure(fig, self.confusion_png, dpi=100)
         plt.close(fig)
-        (out / "confusion_test.json").write_text(json.dumps({"classes": self.classes, "matrix": cm.tolist()}))
+        write_json(out / "confusion_test.json", {"classes": self.classes, "matrix": cm.tolist()})
 
     def figures(self):
         return {"test/confusion": self.confusion_png} if self.confusion_png else {}
