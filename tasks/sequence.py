@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from predictive.harness.settings import COUNT, choice, flag, number
 from tasks import high_order
 from tasks.base import Task
 from tasks.encoders import SymbolEncoder
@@ -75,6 +76,16 @@ class SequenceTask(Task):
     """
 
     streaming = True
+    settings = {
+        "endings": choice(*high_order.ENDINGS),
+        **{key: COUNT for key in ("streams", "length", "chunk", "code_size", "window")},
+        "relabel": choice(*RELABEL),
+        "seed": number(0, integer=True),
+        "switch_after": number(0, integer=True),
+        "features": choice(*FEATURES),
+        "resets": flag(),
+        "code_active": number(1, "code_size", integer=True),
+    }
 
     def __init__(
         self,

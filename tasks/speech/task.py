@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from predictive.harness.files import save_figure, write_json
+from predictive.harness.settings import COUNT, choice, each, flag, is_number, number
 from tasks.base import Task
 
 from . import datasets as ds
@@ -38,9 +39,64 @@ class SpeechEncoder(nn.Module):
         return self.logmel.features(log_mel)
 
 
+def _f_max(value, get):
+    rate, f_min = get("sample_rate"), get("f_min")
+    if value is None or not (is_number(rate) and is_number(f_min)):
+        return number(0, low_open=True, null=True)(value, get)
+    return number("f_min", rate / 2, low_open=True, null=True)(value, get)
+
+
+def _n_fft(value, get):
+    rate, win_ms = get("sample_rate"), get("win_ms")
+    window = int(rate * win_ms / 1000) if is_number(rate) and is_number(win_ms) else 1
+    return None if is_number(value, integer=True) and value >= max(window, 1) else (
+        f"an integer >= the window, sample_rate x win_ms / 1000 = {window}")
+
+
+def _test_percent(value, get):
+    val = get("val_percent")
+    allowed = number(0, 100 - val if is_number(val) else 100, high_open=is_number(val))(value, get)
+    return allowed and f"{allowed} (val_percent + test_percent < 100)"
+
+
 class SpeechTask(Task):
     streaming = False
     features = "cells"
+    settings = {
+        "dataset": choice("fsdd", "speech_commands", "folder"),
+        "download": flag(),
+        "skip_bad_files": flag(),
+        "split": choice("official", "speaker"),
+        "vocabulary": lambda value, get: choice("12", "full")(str(value), get),  # 12 on the command line: an int
+        "val_percent": number(0, 100),
+        "test_percent": _test_percent,
+        "unknown_percent": number(0, null=True),
+        "silence_percent": number(0),
+        "sample_rate": COUNT,
+        "clip_seconds": number(0, low_open=True),
+        **{key: COUNT for key in ("n_mels", "segments", "batch_size", "cells_per_column")},
+        "n_fft": _n_fft,
+        "win_ms": number(0, low_open=True),
+        "hop_ms": number(0, low_open=True),
+        "f_min": number(0),
+        "f_max": _f_max,
+        "mel_scale": choice("slaney", "htk"),
+        "normalize": choice("utterance", "channel", "none"),
+        "deltas": flag(),
+        "context_frames": number(0, integer=True),
+        "augment.shift_ms": number(0),
+        "augment.gain_db": number(0),
+        "augment.noise_prob": number(0, 1),
+        "augment.noise_volume": number(0),
+        "augment.white_noise_prob": number(0, 1),
+        "augment.white_noise_max": number(0, 1),
+        "voiced_threshold": number(0, 1, high_open=True, null=True),
+        "voiced_range_db": number(0, low_open=True, null=True),
+        "head_dropout": number(0, 1, high_open=True),
+        "head_average": number(0, 1, high_open=True),
+        "noise_levels": each(number(0, 1)),
+        "noise_seed": number(0, integer=True),
+    }
 
     def __init__(
         self,
@@ -81,6 +137,7 @@ class SpeechTask(Task):
     ):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
+        vocabulary = str(vocabulary)  # `task.vocabulary=12` on the command line is a number
         if dataset == "speech_commands":
             if vocabulary not in ("12", "full"):
                 raise ValueError(f"task.vocabulary must be '12' or 'full', got {vocabulary!r}")
@@ -264,6 +321,14 @@ class SpeechTask(Task):
 
     def figures(self):
         return {"test/confusion": self.confusion_png} if self.confusion_png else {}
+
+    def state_dict(self):
+        """The accuracies reported so far: a run resumed after its last epoch trains and
+        validates no more, and reports them from here."""
+        return {k: v for k, v in self._results.items() if k in ("train_accuracy", "val_accuracy")}
+
+    def load_state_dict(self, state):
+        self._results.update(state)
 
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
