@@ -157,6 +157,7 @@ class RunSummary(L.Callback):
             "status": self.status,
             **self.extra,
             **self.info,
+            **self.restored,  # a run resumed after its last step may not reach on_train_end
             **self.fit_metrics,
             **self.logged(trainer),
             **pl_module.task.summary(self.ranks),
