@@ -1,6 +1,5 @@
 """Speech task: audio loading, log-mel features, data sets and splits, augmentation, noise sweep."""
 
-import logging
 import wave
 from pathlib import Path
 
@@ -88,20 +87,52 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path):
         assert str(path) in str(e.value)
 
 
-def test_decode_stops_on_a_bad_file_or_skips_and_counts_it(tmp_path, caplog):
-    good = write_wav(tmp_path / "a" / "good.wav", tone(300, 0.3, 16000), 16000)
-    bad = tmp_path / "a" / "bad.wav"
-    bad.write_bytes(b"RIFF")
-    clips = [ds.Clip(good, "a", "s1", "train"), ds.Clip(bad, "a", "s2", "train")]
-    with pytest.raises(AudioError, match="skip_bad_files") as e:
-        decode(clips, [0, 0], 16000, 16000, skip_bad_files=False)
-    assert str(bad) in str(e.value)
-    with caplog.at_level(logging.WARNING):
-        kept = decode(clips, [0, 1], 16000, 16000, skip_bad_files=True)
-    assert len(kept) == 1 and kept.labels.tolist() == [0]
-    assert "skipped 1 unreadable" in caplog.text and str(bad) in caplog.text
+def test_every_bad_file_is_named_before_training_or_left_out_and_listed(tmp_path, monkeypatch):
+    """A folder with bad files of every kind: the run stops before training naming each one, not
+    only the first; with task.skip_bad_files=true they are left out and listed in bad_files.txt."""
+    from test_harness import config
 
+    import train
+    from tasks.speech import data
 
+    root = tmp_path / "d"
+    two_tones(root)  # 80 good clips at 8 kHz
+    bad = {
+        root / "low" / "text_nohash_0.wav": "not a readable wav file (file does not start with RIFF id)",
+        root / "low" / "empty_nohash_0.wav": "the file holds no samples",
+        root / "high" / "cut_nohash_0.wav": "truncated: header says 2400 frames, file holds 1900",
+        root / "high" / "rate_nohash_0.wav": "sample rate 44100 Hz, the data set's files are 8000 Hz",
+        root / "high" / "u8_nohash_0.wav": "8-bit samples; only 16-bit PCM is supported",
+        root / "low" / "nan_nohash_0.wav": "non-finite samples (NaN or inf)",
+    }
+    (root / "low" / "text_nohash_0.wav").write_text("not audio")
+    write_wav(root / "low" / "empty_nohash_0.wav", np.zeros(0), 8000)
+    cut = write_wav(root / "high" / "cut_nohash_0.wav", tone(2000, 0.3, 8000), 8000)
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    write_wav(root / "high" / "rate_nohash_0.wav", tone(2000, 0.3, 44100), 44100)
+    with wave.open(str(root / "high" / "u8_nohash_0.wav"), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(1), f.setframerate(8000), f.writeframes(bytes(100))
+    write_wav(root / "low" / "nan_nohash_0.wav", tone(300, 0.3, 8000), 8000)
+    read = data.read_wav  # 16-bit PCM holds no NaN: a decoder that returned one
+    monkeypatch.setattr(data, "read_wav", lambda p: (np.full(10, np.nan, np.float32), 8000) if "nan_" in str(p)
+                        else read(p))
+    run = ["task=speech", "task.dataset=folder", f"task.root={root}", "task.sample_rate=8000", "task.n_fft=256",
+           "task.clip_seconds=0.5", "task.n_mels=20", "logger=none"]
+    with pytest.raises(AudioError) as e:
+        train.prepare(config(tmp_path / "run", *run, base=()))
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("6 of 86 audio files cannot be used (task.skip_bad_files=true leaves them out")
+    assert sorted(lines[1:]) == sorted(f"  {path}: {why}" for path, why in bad.items())
+    monkeypatch.setattr(data, "MAX_LISTED", 4)  # a folder of many bad files: the first few, and the count
+    with pytest.raises(AudioError) as e:
+        train.prepare(config(tmp_path / "run", *run, base=()))
+    assert len(str(e.value).splitlines()) == 6 and str(e.value).endswith("\n  ... and 2 more")
+
+    prepared = train.prepare(config(tmp_path / "run", *run, "task.skip_bad_files=true", base=()))
+    listed = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
+    assert sorted(listed) == sorted(f"{path}: {why}" for path, why in bad.items())
+    sets = prepared.datamodule.sets
+    assert sum(len(s) for s in sets.values()) == 80  # the good clips, all of them
 # --- features --------------------------------------------------------------------------------
 
 
@@ -283,8 +314,10 @@ def test_silence_is_cut_from_background_noise_when_no_silence_folder(tmp_path):
     silence = [c for c in clips if c.word == ds.SILENCE]
     n_cmd = sum(c.word in ds.GSC_WORDS for c in clips)
     assert len(silence) >= n_cmd // 2 and all(c.path.parent.name == ds.NOISE_DIR for c in silence)
-    audio = decode(silence, [0] * len(silence), 16000, 16000, False).audio
-    assert audio.shape == (len(silence), 16000) and (audio.abs().amax(1) > 0).sum() >= len(silence) - 1
+    decoded, problems = decode(silence, 16000, 16000)
+    audio = np.stack(decoded)
+    assert not any(problems) and audio.shape == (len(silence), 16000)
+    assert (np.abs(audio).max(1) > 0).sum() >= len(silence) - 1
 
 
 @needs_fsdd

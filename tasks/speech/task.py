@@ -165,6 +165,7 @@ class SpeechTask(Task):
             skip_bad_files,
             noise_levels,
             noise_seed,
+            output_dir,
         )
         logmel = LogMel(
             sample_rate,
