@@ -17,9 +17,9 @@ FREE_TEXT = {"_target_", "_partial_", "data_dir", "root", "file", "output_dir", 
              "version", "project", "entity", "group", "tags", "ckpt_path", "split_files"}
 # What to try for a setting whose default is null (its type is not in the config).
 BAD_WHEN_NULL = {"records": 0, "f_max": -2, "frequency_bins": -2, "speaker_pattern": "no group"}
-WALKED = {"config": 9, "sequence": 12, "speech": 36, "taxi": 19, "cnn": 4, "lstm": 2, "sparse_cnn": 13,
+WALKED = {"config": 9, "sequence": 12, "speech": 37, "taxi": 19, "cnn": 4, "lstm": 2, "sparse_cnn": 13,
           "speech_stack": 17, "stack": 17, "taxi_stack": 17, "backprop": 1, "hybrid": 17, "local": 13, "cpu": 9,
-          "ddp": 12, "gpu": 9, "cosine": 1}  # 208 settings
+          "ddp": 12, "gpu": 9, "cosine": 1}  # 209 settings
 OPTIONS = [(group, p.stem) for group in ("task", "model", "learning", "trainer", "scheduler")
            for p in sorted((ROOT / "configs" / group).glob("*.yaml"))]
 
@@ -87,3 +87,16 @@ def test_a_bad_setting_on_the_command_line_is_one_line_without_a_traceback(tmp_p
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SettingError, match="optimizer.lr=-1"):
         train.main()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.speaker_pattern='^(spk)'"], "task.speaker_pattern=^(spk): null unless task.dataset=folder"),
+    (["task.dataset=folder", "task.split_files=lists.txt"],
+     "task.split_files=lists.txt: a CSV file with file and split columns, or {val: <list file>, test: <list file>"),
+    (["task.dataset=folder", "task.speaker_pattern='(a)'", "task.split_files=s.csv"],
+     "task.split_files=s.csv: null when task.speaker_pattern is set (one or the other)"),
+])
+def test_split_settings_apply_to_folders_one_at_a_time(overrides, message):
+    with pytest.raises(SettingError) as e:
+        check_settings(config("out", "task=speech", *overrides, base=[]))
+    assert str(e.value).startswith(message)

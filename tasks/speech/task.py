@@ -1,6 +1,7 @@
 """SpeechTask: spoken-word classification from raw audio, one log-mel frame per time step."""
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from predictive.harness.files import save_figure, write_json
-from predictive.harness.settings import COUNT, choice, each, flag, is_number, number
+from predictive.harness.settings import COUNT, choice, each, flag, is_number, number, regex
 from tasks.base import Task
 
 from . import datasets as ds
@@ -59,6 +60,17 @@ def _test_percent(value, get):
     return allowed and f"{allowed} (val_percent + test_percent < 100)"
 
 
+def _folder_only(value, get):
+    return None if value is None or get("dataset") == "folder" else "null unless task.dataset=folder"
+
+
+def _split_files(value):
+    lists = isinstance(value, Mapping) and value and set(value) <= set(ds.SPLITS) and all(
+        isinstance(v, str) for v in value.values())
+    return None if value is None or lists or (isinstance(value, str) and value.endswith(".csv")) else (
+        "a CSV file with file and split columns, or {val: <list file>, test: <list file>[, train: <list file>]}")
+
+
 class SpeechTask(Task):
     streaming = False
     features = "cells"
@@ -67,6 +79,10 @@ class SpeechTask(Task):
         "download": flag(),
         "skip_bad_files": flag(),
         "split": choice("official", "speaker"),
+        "speaker_pattern": lambda value, get: regex(1)(value, get) or _folder_only(value, get),
+        "split_files": lambda value, get: _folder_only(value, get) or (
+            "null when task.speaker_pattern is set (one or the other)" if value is not None
+            and get("speaker_pattern") is not None else None) or _split_files(value),
         "vocabulary": lambda value, get: choice("12", "full")(str(value), get),  # 12 on the command line: an int
         "val_percent": number(0, 100),
         "test_percent": _test_percent,
@@ -106,6 +122,8 @@ class SpeechTask(Task):
         download=False,
         vocabulary="12",
         split="official",
+        speaker_pattern=None,
+        split_files=None,
         val_percent=10.0,
         test_percent=10.0,
         unknown_percent=10.0,
@@ -138,17 +156,21 @@ class SpeechTask(Task):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
         vocabulary = str(vocabulary)  # `task.vocabulary=12` on the command line is a number
+        # How the clips were split (summary.json): lists | speaker | official (FSDD's) | per_file
+        self.split = split
         if dataset == "speech_commands":
             if vocabulary not in ("12", "full"):
                 raise ValueError(f"task.vocabulary must be '12' or 'full', got {vocabulary!r}")
             clips = ds.speech_commands(self.root, val_percent, test_percent)
+            self.split = "lists" if (self.root / "validation_list.txt").is_file() else "speaker"
             if vocabulary == "12":
                 clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples, unknown_percent, silence_percent)
             label_of = lambda word: ds.gsc_label(word, vocabulary)  # noqa: E731
         elif dataset == "fsdd":
             clips, label_of = ds.fsdd(self.root, split), str
         elif dataset == "folder":
-            clips, label_of = ds.folder(self.root, val_percent, test_percent), str
+            clips, self.split = ds.folder(self.root, val_percent, test_percent, speaker_pattern, split_files)
+            label_of = str
         else:
             raise ValueError(f"task.dataset must be speech_commands | fsdd | folder, got {dataset!r}")
         if dataset == "speech_commands" and vocabulary == "12":
@@ -334,4 +356,4 @@ class SpeechTask(Task):
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
-        return {k: self._results.get(k) for k in keys} | {"classes": self.classes}
+        return {k: self._results.get(k) for k in keys} | {"classes": self.classes, "split": self.split}
