@@ -50,6 +50,8 @@ def build(cfg: DictConfig, name: str, **kwargs):
 
 @dataclass
 class Run:
+    """What `prepare` built and checked, for `fit`."""
+
     cfg: DictConfig
     task: object
     module: PredictiveModule
