@@ -7,10 +7,19 @@
 
 Outputs go to the Hydra run dir (outputs/<task>/<time>/): .hydra/config.yaml, checkpoints/last.ckpt,
 summary.json, logs. Resume with `ckpt_path=<run dir>/checkpoints/last.ckpt` (and the same overrides).
+
+Bad settings, data or checkpoints stop the run before training with one line each naming them
+(exit status 1; HYDRA_FULL_ERROR=1 shows the traceback). SIGTERM or Ctrl-C stop it at the end of
+the batch in progress, with a checkpoint to resume from and `status: interrupted` in summary.json
+(exit status 143 or 130).
 """
 
+import contextlib
 import gc
 import os
+import signal
+import sys
+from dataclasses import dataclass
 
 import hydra
 import lightning as L
@@ -22,7 +31,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.callbacks import RunSummary
+from predictive.harness.files import AtomicCheckpointIO
+from predictive.harness.interrupt import Interrupted, Interruption
 from predictive.harness.module import PredictiveModule
+from predictive.harness.resume import check_checkpoint
+from predictive.harness.settings import check_settings
 
 
 def build(cfg: DictConfig, name: str, **kwargs):
@@ -35,56 +48,107 @@ def build(cfg: DictConfig, name: str, **kwargs):
         raise
 
 
-def train(cfg: DictConfig) -> dict:
-    L.seed_everything(cfg.seed, workers=True)
+@dataclass
+class Run:
+    """What `prepare` built and checked, for `fit`."""
+
+    cfg: DictConfig
+    task: object
+    module: PredictiveModule
+    trainer: L.Trainer
+    datamodule: L.LightningDataModule
+    summary: RunSummary
+    logger: object
+
+
+def prepare(cfg: DictConfig) -> Run:
+    """Everything that can be wrong about a run's inputs, checked before any training: every
+    setting, the objects built from them, the data (read now, so that every bad file is named
+    before training starts) and the checkpoint to resume from."""
+    check_settings(cfg)
     if cfg.torch_threads is not None:
-        if not isinstance(cfg.torch_threads, int) or cfg.torch_threads < 1:
-            raise ValueError(f"torch_threads must be a positive integer or null, got {cfg.torch_threads!r}")
         torch.set_num_threads(cfg.torch_threads)
-    # Build (and so validate) everything before any training starts.
+    L.seed_everything(cfg.seed, workers=True)
     task = build(cfg.task, "task")
     model = build(cfg.model, "model", input_size=task.input_size)
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
     optimizer([torch.zeros(1, requires_grad=True)])  # let the optimizer check lr & co. now
     scheduler = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    epochs = cfg.trainer.get("max_epochs")
-    if scheduler is not None and not (isinstance(epochs, int) and epochs >= 1):  # -1: Lightning's "no limit"
-        raise ValueError(f"scheduler: needs trainer.max_epochs >= 1 (it is stepped once per epoch), got {epochs!r}")
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
-    summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
-                                                "model": choices.model, "seed": cfg.seed})
+    info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
+    settings = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("task", "model", "learning")}
+    summary = RunSummary(cfg.paths.output_dir, info, settings)
     logger = build(cfg.logger, "logger") if cfg.logger else False
     callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(build(cfg.progress_bar, "progress_bar"))
-    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir)
+    trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
+                    plugins=[AtomicCheckpointIO()])
     datamodule = task.datamodule(rank=trainer.global_rank)  # under DDP each rank its own streams
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    # The objects built so far (torch, Lightning, Hydra, the model) live through training: left
-    # out of the collector's full passes, which took 0.2 s each on the sequence task. Unfrozen
-    # after, so that a multirun's finished jobs are collected.
-    gc.freeze()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    finally:
-        gc.unfreeze()
-    if cfg.test and is_overridden("test_dataloader", datamodule):
-        trainer.test(module, datamodule=datamodule)
-    if isinstance(logger, WandbLogger):
-        logger.experiment.finish()  # the next run of a multirun starts its own wandb run
+    datamodule.setup("fit")  # Lightning calls it again: the data modules read their data once
+    if cfg.ckpt_path:
+        check_checkpoint(cfg.ckpt_path, module, summary.run_info(trainer.world_size), trainer.world_size)
+    return Run(cfg, task, module, trainer, datamodule, summary, logger)
+
+
+def fit(run: Run) -> dict:
+    """Fit and test; returns the summary, also in summary.json, whose `status` says how the run
+    ended: completed, interrupted (SIGTERM or Ctrl-C; `signal` names it) or failed (`error`)."""
+    cfg, trainer, module, datamodule, summary = run.cfg, run.trainer, run.module, run.datamodule, run.summary
+    if run.logger:
+        run.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    with Interruption() as stop:
+        try:
+            # The objects built so far (torch, Lightning, Hydra, the model) live through training: left
+            # out of the collector's full passes, which took 0.2 s each on the sequence task. Unfrozen
+            # after, so that a multirun's finished jobs are collected.
+            gc.freeze()
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            finally:
+                gc.unfreeze()
+            if cfg.test and not stop.signum and is_overridden("test_dataloader", datamodule):
+                trainer.test(module, datamodule=datamodule)
+            summary.status = "interrupted" if stop.signum else "completed"
+        except BaseException as e:  # Lightning's SIGTERMException is a SystemExit
+            summary.status = "interrupted" if stop.signum else "failed"
+            if summary.status == "failed":
+                summary.extra = {"error": f"{type(e).__name__}: {e}"}
+                with contextlib.suppress(Exception):  # the error itself is what the caller needs
+                    summary.write(trainer, module)
+                raise
+        if stop.signum:
+            summary.extra = {"signal": signal.Signals(stop.signum).name}
+        summary.write(trainer, module)
+    if isinstance(run.logger, WandbLogger):
+        run.logger.experiment.finish()  # the next run of a multirun starts its own wandb run
     return summary.summary(trainer, module)
+
+
+def train(cfg: DictConfig) -> dict:
+    return fit(prepare(cfg))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    summary = train(cfg)
+    try:
+        with Interruption():
+            run = prepare(cfg)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
+    except (ValueError, OSError) as e:  # a setting, a data file or a checkpoint, named in the message
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(str(e))
+    summary = fit(run)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"\nresults in {cfg.paths.output_dir}: summary.json, checkpoints/last.ckpt, plots (*.png)")
-        print("  " + headline(summary))
+        print(f"  status={summary['status']}, " + headline(summary))
+    if summary["status"] == "interrupted":
+        sys.exit(128 + signal.Signals[summary["signal"]])
 
 
 def headline(summary: dict) -> str:

@@ -33,9 +33,11 @@ class Task(ABC):
     """Abstract task. Subclasses set the attributes in `__init__` (or as class attributes)
     and implement the abstract methods.
 
-    Validate settings in `__init__` and raise `ValueError` naming the setting
-    (e.g. "task.stream_length must be > 0, got -3"): the task is built before any training
-    starts, so bad values fail fast. Data paths come from an argument (the configs pass
+    Declare each setting's allowed values in `settings` (`{key: rule}`, rules from
+    `predictive.harness.settings`): the harness checks them before anything is built and names
+    a bad one in one line, `task.<key>=<value>: <what is allowed>`. Checks that need the data
+    go in `__init__`, raising `ValueError` naming the setting (e.g. "task.score_from must be in
+    [5, 295) for nyc_taxi.csv"). Data paths come from an argument (the configs pass
     `${paths.data_dir}`), never from a hard-coded location.
 
     Attributes:
@@ -52,6 +54,7 @@ class Task(ABC):
 
     streaming: bool = False
     features: str = "cells"
+    settings: dict = {}
     encoder: nn.Module
     input_size: int
 

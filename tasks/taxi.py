@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from predictive.harness.settings import COUNT, choice, is_number, number
 from predictive.memory import column_activity
 from tasks.base import Task
 from tasks.encoders import ScalarEncoder, day_of_week_encoder, time_of_day_encoder
@@ -59,6 +60,10 @@ def read_series(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not values:
         raise ValueError(f"{path}: no data rows")
     return np.asarray(values), np.asarray(minutes, dtype=np.float64), np.asarray(days, dtype=np.float64)
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) for v in value)
 
 
 def nrmse(prediction: np.ndarray, truth: np.ndarray, data_std: float) -> float:
@@ -242,6 +247,23 @@ class TaxiTask(Task):
     """
 
     streaming = True
+    settings = {
+        "variant": choice(*FILES),
+        "records": number(1, integer=True, null=True),
+        **{key: COUNT for key in ("horizon", "chunk", "calibration", "value_size", "time_size", "day_size",
+                                  "nll_buckets", "group")},
+        "score_from": number(0, integer=True),  # its upper limit depends on the file: checked when it is read
+        "features": choice("cells", "predicted"),
+        "active": number(1, "value_size", integer=True),
+        "nll_range": lambda value, get: None if value is None or (
+            _is_pair(value) and value[0] < value[1]) else "[low, high] with low < high, or null",
+        "buckets": number(2, integer=True),
+        "head_margin": number(0),
+        "rate": number(0, low_open=True),
+        "sigma": number(0),
+        "mix": number(0, 1),
+        "readout": choice("cells", "columns", "both"),
+    }
 
     def __init__(
         self,

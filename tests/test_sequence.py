@@ -204,6 +204,26 @@ def test_state_dict_round_trip_resumes_the_metrics():
     sa, sc = a.summary(), c.summary()
     for key in ("final_accuracy", "elements_to_95", "recovery_elements", "end_accuracy", "mean_anomaly"):
         assert sa[key] == sc[key], key
+    assert a.compute_metrics("train") == c.compute_metrics("train")
+
+
+def test_the_logged_accuracy_is_the_curves_latest_value_read_from_the_stream_end():
+    """compute_metrics (every logged step) reads the last scored elements, not the whole stream:
+    the same value as the curve, at any point of the stream."""
+    task = make(streams=2)
+    rng = np.random.default_rng(0)
+    dm = task.datamodule()
+    for index in range(dm.num_chunks):
+        batch = dm.chunk(index)
+        logits = torch.from_numpy(rng.normal(size=(2, 40, task.num_symbols)))  # right about 1 time in 10
+        task.update_metrics("train", logits, batch, SimpleNamespace(anomaly=torch.rand(2, 40)))
+        if index in (10, 17, 60, dm.num_chunks - 1):
+            curves = [task._curve(row) for row in task._correct]
+            last = [c[~np.isnan(c)][-1] for c in curves if (~np.isnan(c)).any()]
+            metrics = task.compute_metrics("train")
+            assert metrics.get("accuracy") == (float(np.mean(last)) if last else None)
+            assert metrics["anomaly"] == pytest.approx(np.nanmean(task._anomaly), rel=1e-12)
+    assert 0.05 < metrics["accuracy"] < 0.3
 
 
 def test_overlap_head_decodes_codes_and_loss_skips_noise():

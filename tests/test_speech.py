@@ -1,6 +1,7 @@
 """Speech task: audio loading, log-mel features, data sets and splits, augmentation, noise sweep."""
 
 import logging
+import re
 import wave
 from pathlib import Path
 
@@ -88,20 +89,52 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path):
         assert str(path) in str(e.value)
 
 
-def test_decode_stops_on_a_bad_file_or_skips_and_counts_it(tmp_path, caplog):
-    good = write_wav(tmp_path / "a" / "good.wav", tone(300, 0.3, 16000), 16000)
-    bad = tmp_path / "a" / "bad.wav"
-    bad.write_bytes(b"RIFF")
-    clips = [ds.Clip(good, "a", "s1", "train"), ds.Clip(bad, "a", "s2", "train")]
-    with pytest.raises(AudioError, match="skip_bad_files") as e:
-        decode(clips, [0, 0], 16000, 16000, skip_bad_files=False)
-    assert str(bad) in str(e.value)
-    with caplog.at_level(logging.WARNING):
-        kept = decode(clips, [0, 1], 16000, 16000, skip_bad_files=True)
-    assert len(kept) == 1 and kept.labels.tolist() == [0]
-    assert "skipped 1 unreadable" in caplog.text and str(bad) in caplog.text
+def test_every_bad_file_is_named_before_training_or_left_out_and_listed(tmp_path, monkeypatch):
+    """A folder with bad files of every kind: the run stops before training naming each one, not
+    only the first; with task.skip_bad_files=true they are left out and listed in bad_files.txt."""
+    from test_harness import config
 
+    import train
+    from tasks.speech import data
 
+    root = tmp_path / "d"
+    two_tones(root)  # 80 good clips at 8 kHz
+    bad = {
+        root / "low" / "text_nohash_0.wav": "not a readable wav file (file does not start with RIFF id)",
+        root / "low" / "empty_nohash_0.wav": "the file holds no samples",
+        root / "high" / "cut_nohash_0.wav": "truncated: header says 2400 frames, file holds 1900",
+        root / "high" / "rate_nohash_0.wav": "sample rate 44100 Hz, the data set's files are 8000 Hz",
+        root / "high" / "u8_nohash_0.wav": "8-bit samples; only 16-bit PCM is supported",
+        root / "low" / "nan_nohash_0.wav": "non-finite samples (NaN or inf)",
+    }
+    (root / "low" / "text_nohash_0.wav").write_text("not audio")
+    write_wav(root / "low" / "empty_nohash_0.wav", np.zeros(0), 8000)
+    cut = write_wav(root / "high" / "cut_nohash_0.wav", tone(2000, 0.3, 8000), 8000)
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    write_wav(root / "high" / "rate_nohash_0.wav", tone(2000, 0.3, 44100), 44100)
+    with wave.open(str(root / "high" / "u8_nohash_0.wav"), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(1), f.setframerate(8000), f.writeframes(bytes(100))
+    write_wav(root / "low" / "nan_nohash_0.wav", tone(300, 0.3, 8000), 8000)
+    read = data.read_wav  # 16-bit PCM holds no NaN: a decoder that returned one
+    monkeypatch.setattr(data, "read_wav", lambda p: (np.full(10, np.nan, np.float32), 8000) if "nan_" in str(p)
+                        else read(p))
+    run = ["task=speech", "task.dataset=folder", f"task.root={root}", "task.sample_rate=8000", "task.n_fft=256",
+           "task.clip_seconds=0.5", "task.n_mels=20", "logger=none"]
+    with pytest.raises(AudioError) as e:
+        train.prepare(config(tmp_path / "run", *run, base=()))
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("6 of 86 audio files cannot be used (task.skip_bad_files=true leaves them out")
+    assert sorted(lines[1:]) == sorted(f"  {path}: {why}" for path, why in bad.items())
+    monkeypatch.setattr(data, "MAX_LISTED", 4)  # a folder of many bad files: the first few, and the count
+    with pytest.raises(AudioError) as e:
+        train.prepare(config(tmp_path / "run", *run, base=()))
+    assert len(str(e.value).splitlines()) == 6 and str(e.value).endswith("\n  ... and 2 more")
+
+    prepared = train.prepare(config(tmp_path / "run", *run, "task.skip_bad_files=true", base=()))
+    listed = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
+    assert sorted(listed) == sorted(f"{path}: {why}" for path, why in bad.items())
+    sets = prepared.datamodule.sets
+    assert sum(len(s) for s in sets.values()) == 80  # the good clips, all of them
 # --- features --------------------------------------------------------------------------------
 
 
@@ -245,6 +278,82 @@ def test_speech_commands_splits_by_speaker_and_uses_the_lists_when_present(tmp_p
     listed = ds.speech_commands(root)
     assert [c.path.name for c in listed if c.split == "val"] == ["00000000_nohash_0.wav"]
     assert [(c.word, c.path.name) for c in listed if c.split == "test"] == [("no", "00000001_nohash_1.wav")]
+    # The lists are read by line: a word folder whose name holds a space is listed as it is.
+    write_wav(root / "zoom in" / "00000002_nohash_0.wav", tone(300, 0.1, 16000), 16000)
+    (root / "testing_list.txt").write_text("no/00000001_nohash_1.wav\nzoom in/00000002_nohash_0.wav\n")
+    assert {c.path.name for c in ds.speech_commands(root) if c.split == "test" and c.word == "zoom in"} == \
+        {"00000002_nohash_0.wav"}
+    (root / "testing_list.txt").write_text("no/00000001_nohash_1.wav\nzoom/00000002_nohash_0.wav\n")
+    with pytest.raises(ValueError, match=r"1 entries name no file under .*\n  .*testing_list.txt:2: zoom/0000"):
+        ds.speech_commands(root)
+
+
+def speakers_in_splits(clips) -> dict:
+    splits = {}
+    for c in clips:
+        splits.setdefault(c.speaker, set()).add(c.split)
+    return splits
+
+
+def test_a_folder_splits_by_speaker_only_where_the_names_say_who_speaks(tmp_path, caplog):
+    """spk07_take3.wav names: split per file unless task.speaker_pattern says where the speaker is;
+    summary.json says which."""
+    from tasks.speech.task import SpeechTask
+
+    root = tmp_path / "f"
+    for cls in ("on", "off"):
+        for speaker in range(12):
+            for take in range(4):
+                write_wav(root / cls / f"spk{speaker:02d}_take{take}.wav", tone(100, 0.05, 8000), 8000)
+    with caplog.at_level(logging.WARNING):
+        clips, split = ds.folder(root)
+    assert split == "per_file" and "96 of 96 files are not named <speaker>_nohash_<n>.wav" in caplog.text
+    assert "NOT speaker-disjoint" in caplog.text
+    by_speaker = {}
+    for c in clips:
+        by_speaker.setdefault(c.path.name.split("_")[0], set()).add(c.split)
+    assert any(len(s) > 1 for s in by_speaker.values())  # one speaker's takes in several splits: the leak
+    clips, split = ds.folder(root, speaker_pattern=r"^(spk\d+)_")
+    assert split == "speaker" and {c.speaker for c in clips} == {f"spk{i:02d}" for i in range(12)}
+    assert all(len(s) == 1 for s in speakers_in_splits(clips).values())
+    with pytest.raises(ValueError, match=re.escape(r"spk00_take0.wav: task.speaker_pattern=^(x\d)_ finds no speaker")):
+        ds.folder(root, speaker_pattern=r"^(x\d)_")
+    task = SpeechTask(dataset="folder", root=root, speaker_pattern=r"^(spk\d+)_", sample_rate=8000, n_fft=256)
+    assert task.summary()["split"] == "speaker"
+    assert SpeechTask(dataset="folder", root=root, sample_rate=8000, n_fft=256).summary()["split"] == "per_file"
+
+
+def test_a_folder_split_by_its_own_lists_or_csv_names_every_entry_that_matches_no_file(tmp_path):
+    root = tmp_path / "f"
+    for cls in ("zoom in", "zoom out"):
+        for n in range(5):
+            write_wav(root / cls / f"clip {n}.wav", tone(100, 0.05, 8000), 8000)
+    (root / "val.txt").write_text("zoom in/clip 0.wav\nzoom out/clip 0.wav\n\n")
+    (root / "test.txt").write_text("zoom in/clip 1.wav\r\nzoom out/clip 1.wav\r\n")
+    clips, split = ds.folder(root, split_files={"val": "val.txt", "test": "test.txt"})
+    assert split == "lists" and len(clips) == 10
+    assert sorted((c.word, c.path.name) for c in clips if c.split == "test") == [
+        ("zoom in", "clip 1.wav"), ("zoom out", "clip 1.wav")]
+    assert sum(c.split == "train" for c in clips) == 6  # in no list: train
+    (root / "splits.csv").write_text('file,split\n"zoom in/clip 2.wav",test\nzoom out/clip 2.wav,val\n'
+                                     "zoom out/clip 3.wav,train\n")
+    clips, _ = ds.folder(root, split_files="splits.csv")
+    assert [(c.path.name, c.split) for c in clips] == [("clip 2.wav", "test"), ("clip 2.wav", "val"),
+                                                        ("clip 3.wav", "train")]  # in no row: left out
+    (root / "test.txt").write_text("zoom in/clip 1.wav\nzoom_in/clip 2.wav\nzoom out/clip 9.wav\n")
+    with pytest.raises(ValueError) as e:
+        ds.folder(root, split_files={"val": "val.txt", "test": "test.txt"})
+    assert str(e.value).splitlines() == [f"task.split_files: 2 entries name no file under {root}:",
+                                         f"  {root / 'test.txt'}:2: zoom_in/clip 2.wav",
+                                         f"  {root / 'test.txt'}:3: zoom out/clip 9.wav"]
+    (root / "test.txt").write_text("zoom in/clip 0.wav\n")
+    with pytest.raises(ValueError, match="zoom in/clip 0.wav is listed as val and as test"):
+        ds.folder(root, split_files={"val": "val.txt", "test": "test.txt"})
+    (root / "splits.csv").write_text("file,split\nzoom in/clip 2.wav,testing\n")
+    with pytest.raises(ValueError, match=r"splits.csv:2: split must be one of train \| val \| test, got 'testing'"):
+        ds.folder(root, split_files="splits.csv")
+    with pytest.raises(FileNotFoundError, match="task.split_files: .*nowhere.csv not found"):
+        ds.folder(root, split_files="nowhere.csv")
 
 
 def test_hash_split_is_the_readme_rule():
@@ -283,8 +392,10 @@ def test_silence_is_cut_from_background_noise_when_no_silence_folder(tmp_path):
     silence = [c for c in clips if c.word == ds.SILENCE]
     n_cmd = sum(c.word in ds.GSC_WORDS for c in clips)
     assert len(silence) >= n_cmd // 2 and all(c.path.parent.name == ds.NOISE_DIR for c in silence)
-    audio = decode(silence, [0] * len(silence), 16000, 16000, False).audio
-    assert audio.shape == (len(silence), 16000) and (audio.abs().amax(1) > 0).sum() >= len(silence) - 1
+    decoded, problems = decode(silence, 16000, 16000)
+    audio = np.stack(decoded)
+    assert not any(problems) and audio.shape == (len(silence), 16000)
+    assert (np.abs(audio).max(1) > 0).sum() >= len(silence) - 1
 
 
 @needs_fsdd
@@ -301,8 +412,8 @@ def test_folder_dataset_and_missing_data_errors(tmp_path):
     for cls in ("a", "b"):
         for n in range(20):
             write_wav(tmp_path / "f" / cls / f"clip{n}.wav", tone(100, 0.05, 8000), 8000)
-    clips = ds.folder(tmp_path / "f")
-    assert len(clips) == 40 and {c.split for c in clips} == set(ds.SPLITS)
+    clips, split = ds.folder(tmp_path / "f")
+    assert len(clips) == 40 and {c.split for c in clips} == set(ds.SPLITS) and split == "per_file"
     with pytest.raises(FileNotFoundError, match="speech_commands_v0.02_test") as e:
         ds.find_root("speech_commands", tmp_path / "nowhere")
     assert "download=true" in str(e.value)

@@ -2,7 +2,6 @@
 whose last.ckpt is the trained model, and the Lightning callback that measures throughput and
 memory and writes summary.json and curve plots, and sends the tasks' figures to wandb."""
 
-import json
 import netrc
 import os
 import resource
@@ -16,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from predictive.harness.files import save_figure, write_json
 from predictive.harness.module import gather_objects
 
 
@@ -58,7 +58,8 @@ class StreamCheckpoint(ModelCheckpoint):
     Epoch-based tasks (speech): at the end of every epoch instead, after validation and the
     lr scheduler's step, where a resumed run starts the next epoch. A save within an epoch of a
     shuffled data set cannot resume exactly (Lightning restarts the epoch's data), and one at
-    its last batch resumed without that epoch's scheduler step.
+    its last batch resumed without that epoch's scheduler step. A run stopped within an epoch
+    (SIGTERM, a kill) resumes from the last epoch's end and does the epoch again.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -66,7 +67,8 @@ class StreamCheckpoint(ModelCheckpoint):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.is_last_batch or 0 < trainer.max_steps <= trainer.global_step
-        if self.save_last and final:  # at worst once more than the periodic save at that step
+        # SIGTERM (or Ctrl-C, `Interruption`): Lightning stops after this batch; save where it stops.
+        if self.save_last and (final or trainer.received_sigterm):  # at worst once more than the periodic save
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -83,19 +85,38 @@ class StreamCheckpoint(ModelCheckpoint):
 
 class RunSummary(L.Callback):
     """Measures training throughput and peak memory; at the end of fit (and again after test)
-    writes `summary.json`: `info` (task, learning, model, seed), the last logged metrics,
+    writes `summary.json`: `status` (running, then completed | interrupted | failed, set by
+    whoever runs the Trainer), `info` (task, learning, model, seed), the last logged metrics,
     `task.summary()`, `steps_per_second` (training batches/s), `time_steps_per_second`
     (B x T per second), `train_seconds` and `peak_memory_mb` (GPU: max allocated; CPU: the
     process's peak resident set during training). For streaming tasks it also plots
     `task.curves()` to `curve_<name>.png`, keeps them in `curves.json` (for the comparison
-    report) and sends the plots to the logger."""
+    report) and sends the plots to the logger.
 
-    def __init__(self, output_dir: str, info: dict | None = None):
+    Every checkpoint gets `run`: `info`'s choices, `settings` (the run's task, model and
+    learning settings), the number of processes, and the metrics logged so far, which a resumed
+    run starts from (one resumed after its last step logs no training metrics of its own), so
+    that it reports what a run that never stopped reports. `predictive.harness.resume` checks a
+    checkpoint's `run` against the run that loads it."""
+
+    def __init__(self, output_dir: str, info: dict | None = None, settings: dict | None = None):
         self.output_dir = Path(output_dir)
         self.info = dict(info or {})
+        self.settings = dict(settings or {})
+        self.status, self.extra = "running", {}
         self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
-        self.fit_metrics, self.peak_memory_mb = {}, None
+        self.fit_metrics, self.restored, self.peak_memory_mb = {}, {}, None
         self.ranks = None  # DDP, streaming: every process's task state at the end of fit
+
+    def run_info(self, processes: int = 1) -> dict:
+        choices = {k: self.info[k] for k in ("task", "model", "learning") if k in self.info}
+        return {"choices": choices, "settings": self.settings, "processes": processes}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["run"] = {**self.run_info(trainer.world_size), "logged": {**self.restored, **self.logged(trainer)}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self.restored = dict(checkpoint.get("run", {}).get("logged", {}))
 
     def on_train_start(self, trainer, pl_module):
         if pl_module.device.type == "cuda":
@@ -116,7 +137,7 @@ class RunSummary(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.peak_memory_mb = _peak_memory_mb(pl_module.device)
-        self.fit_metrics = self.logged(trainer)  # `trainer.test` starts a fresh set
+        self.fit_metrics = {**self.restored, **self.logged(trainer)}  # `trainer.test` starts a fresh set
         if trainer.world_size > 1 and pl_module.task.streaming:  # each process learned its own data
             self.ranks = gather_objects(pl_module.task.state_dict())
         self.write(trainer, pl_module)
@@ -133,7 +154,10 @@ class RunSummary(L.Callback):
     def summary(self, trainer, pl_module) -> dict:
         seconds = max(self.seconds, 1e-9)
         return {
+            "status": self.status,
+            **self.extra,
             **self.info,
+            **self.restored,  # a run resumed after its last step may not reach on_train_end
             **self.fit_metrics,
             **self.logged(trainer),
             **pl_module.task.summary(self.ranks),
@@ -147,7 +171,7 @@ class RunSummary(L.Callback):
     def write(self, trainer, pl_module):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.summary(trainer, pl_module)
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        write_json(self.output_dir / "summary.json", summary, indent=2, default=float)
 
     @rank_zero_only
     def plot_curves(self, trainer, pl_module):
@@ -160,14 +184,14 @@ class RunSummary(L.Callback):
         import matplotlib.pyplot as plt
 
         as_lists = {k: [list(x), list(y)] for k, (x, y) in curves.items()}
-        (self.output_dir / "curves.json").write_text(json.dumps(as_lists))
+        write_json(self.output_dir / "curves.json", as_lists)
         for name, (x, y) in curves.items():
             fig, ax = plt.subplots(figsize=(6, 3.5))
             ax.plot(x, y)
             ax.set(xlabel="elements seen", ylabel=name, title=f"{name} ({self.info.get('learning', '')})")
             ax.grid(alpha=0.3)
             path = self.output_dir / f"curve_{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
+            save_figure(fig, path, dpi=100, bbox_inches="tight")
             plt.close(fig)
             log_images(trainer, {f"curves/{name}": path})
 

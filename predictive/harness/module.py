@@ -218,15 +218,7 @@ class PredictiveModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict):
         if self.task.streaming and self.trainer.state.fn == TrainerFn.FITTING:
             checkpoint = self.own_streams(checkpoint)
-        state = checkpoint.get("stream_state")
-        if state is not None:  # a state from another model or version would fail mid-step
-            expected = set(self.model.initial_state(1))
-            if set(state) != expected:
-                raise ValueError(
-                    f"the checkpoint's stream state does not fit this model: missing {sorted(expected - set(state))}, "
-                    f"unknown {sorted(set(state) - expected)} (saved by another model or an older version)"
-                )
-        self.stream_state = state
+        self.stream_state = checkpoint.get("stream_state")  # checked before loading (harness.resume)
         self.task.load_state_dict(checkpoint.get("task_state", {}))
         self._rng_to_restore = checkpoint.get("rng")
         self.time_steps = checkpoint.get("time_steps", 0)

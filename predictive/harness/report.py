@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from predictive.harness.files import save_figure, write_text
+
 KEYS = ("task", "learning", "model")
 HEADLINE = ("steps_per_second", "time_steps_per_second", "peak_memory_mb")
 
@@ -102,7 +104,7 @@ def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
             ax.axis("off")
         fig.tight_layout()
         written.append(out / "metrics.png")
-        fig.savefig(written[-1], dpi=100)
+        save_figure(fig, written[-1], dpi=100)
         plt.close(fig)
     names = sorted({name for run in curves.values() for name in run})
     for name in names:  # learning curves: one line per run, one colour per mode
@@ -117,7 +119,7 @@ def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         written.append(out / f"curve_{name}.png")
-        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+        save_figure(fig, written[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     return written
 
@@ -126,7 +128,7 @@ def write_report(root: str | Path) -> Path:
     """Write comparison.md (+ comparison.csv of all runs, + PNGs) into `root`; returns its path."""
     root = Path(root)
     runs, curves = load_runs(root)
-    runs.to_csv(root / "runs.csv", index=False)
+    write_text(root / "runs.csv", runs.to_csv(index=False))
     images = plot(runs, curves, root)
     lines = [f"# Comparison of {len(runs)} runs in {root}", "",
              "Mean ± std over runs (seeds) of every numeric summary metric; steps/s is training",
@@ -134,7 +136,7 @@ def write_report(root: str | Path) -> Path:
              to_markdown(table(runs)), ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
     path = root / "comparison.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -24,7 +24,7 @@ def read_wav(path) -> tuple[np.ndarray, int]:
             frames = f.getnframes()
             raw = f.readframes(frames)
     except (wave.Error, EOFError, OSError) as e:
-        raise AudioError(f"{path}: not a readable wav file ({e})") from e
+        raise AudioError(f"{path}: not a readable wav file ({str(e) or type(e).__name__})") from e  # EOFError: no text
     if width != 2:
         raise AudioError(f"{path}: {8 * width}-bit samples; only 16-bit PCM is supported")
     if frames == 0:

@@ -1,21 +1,26 @@
 """Decoded clips in memory and the LightningDataModule that serves them.
 
 Each split is decoded once (int16, resampled, padded/cropped) when the data module is set up:
-before any training, so a bad file stops the run at the start. Speech Commands' 4,890 test
+before any training, so bad files stop the run at the start, every one of them named. Speech Commands' 4,890 test
 clips take ~150 MB this way and a few seconds to read, so no disk cache is kept.
 """
 
 import logging
+from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .audio import AudioError, fix_length, load_clip, read_wav, resample
+from predictive.harness.files import write_text
+
+from .audio import AudioError, fix_length, read_wav, resample
 from .datasets import SPLITS, Clip
 
 log = logging.getLogger(__name__)
+MAX_LISTED = 20  # bad files named in an error or the log; bad_files.txt lists them all
 
 
 class ClipSet(Dataset):
@@ -66,31 +71,40 @@ class NoiseSweep(Dataset):
         return item
 
 
-def decode(clips: list[Clip], labels: list[int], sample_rate: int, samples: int, skip_bad_files: bool) -> ClipSet:
-    """Decode `clips`; an unreadable file raises AudioError naming it, or with skip_bad_files is
-    left out and counted in the log."""
-    audio, kept, bad = [], [], []
+def decode(clips: list[Clip], sample_rate: int, samples: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Every clip as int16 samples at `sample_rate`, `samples` long, or None and what is wrong with
+    its file (the message starts with the file): unreadable, empty, truncated, not 16-bit PCM,
+    non-finite, or at another sample rate than most of the data set's files."""
+    audio, problems, rates = [], [], {}
     noise_cache = {}  # generated `_silence_` clips are crops of a few long noise files
-    for clip, label in zip(clips, labels):
+    for i, clip in enumerate(clips):
         try:
             if clip.start or clip.volume != 1.0:
                 if clip.path not in noise_cache:
                     noise_cache[clip.path] = resample(*read_wav(clip.path), sample_rate)
                 x = fix_length(noise_cache[clip.path][clip.start : clip.start + samples], samples) * clip.volume
             else:
-                x = load_clip(clip.path, sample_rate, samples)
+                x, rates[i] = read_wav(clip.path)
+                x = fix_length(resample(x, rates[i], sample_rate), samples)
+            if not np.isfinite(x).all():
+                raise AudioError(f"{clip.path}: non-finite samples (NaN or inf)")
         except AudioError as e:
-            if not skip_bad_files:
-                raise AudioError(f"{e} (set task.skip_bad_files=true to skip such files)") from e
-            bad.append(str(e))
+            audio.append(None), problems.append(str(e))
             continue
-        audio.append(np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16))
-        kept.append(label)
-    if bad:
-        log.warning("skipped %d unreadable audio files (task.skip_bad_files=true):\n  %s", len(bad), "\n  ".join(bad))
-    if not kept:
-        raise AudioError(f"no readable clips among {len(clips)} files (first: {clips[0].path})")
-    return ClipSet(torch.from_numpy(np.stack(audio)), torch.tensor(kept))
+        audio.append(np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16)), problems.append(None)
+    common, count = Counter(rates.values()).most_common(1)[0] if rates else (None, 0)
+    if 2 * count > len(rates):  # most files share one rate: the data set's
+        for i, rate in rates.items():
+            if rate != common and problems[i] is None:
+                audio[i] = None
+                problems[i] = f"{clips[i].path}: sample rate {rate} Hz, the data set's files are {common} Hz"
+    return audio, problems
+
+
+def listing(lines: list[str]) -> str:
+    """The first MAX_LISTED lines, indented, and how many more there are."""
+    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+    return "  " + "\n  ".join(lines[:MAX_LISTED]) + more
 
 
 class SpeechData(L.LightningDataModule):
@@ -105,23 +119,44 @@ class SpeechData(L.LightningDataModule):
         skip_bad_files=False,
         noise_levels=(0.0,),
         noise_seed=0,
+        output_dir=None,
     ):
         super().__init__()
         self.clips, self.label_index, self.label_of = clips, label_index, label_of
         self.sample_rate, self.samples, self.batch_size = sample_rate, samples, batch_size
         self.skip_bad_files, self.noise_levels, self.noise_seed = skip_bad_files, noise_levels, noise_seed
+        self.output_dir = output_dir
         self.sets: dict[str, ClipSet] = {}
 
     def setup(self, stage=None):
+        """Decode every split (once: later calls return at once), naming every bad file at once."""
+        if self.sets:
+            return
+        audio, problems = decode(self.clips, self.sample_rate, self.samples)
+        bad = list(dict.fromkeys(p for p in problems if p))  # each file once (silence crops share noise files)
+        if bad:
+            self.report_bad(bad)
         for split in SPLITS:
-            if split in self.sets:
-                continue
-            part = [c for c in self.clips if c.split == split]
-            if not part:
+            keep = [i for i, c in enumerate(self.clips) if c.split == split and audio[i] is not None]
+            if not keep:
                 raise ValueError(f"the {split} split is empty; check task.dataset/task.split settings")
-            labels = [self.label_index[self.label_of(c.word)] for c in part]
-            self.sets[split] = decode(part, labels, self.sample_rate, self.samples, self.skip_bad_files)
+            labels = [self.label_index[self.label_of(self.clips[i].word)] for i in keep]
+            self.sets[split] = ClipSet(torch.from_numpy(np.stack([audio[i] for i in keep])), torch.tensor(labels))
+            for i in keep:
+                audio[i] = None  # held once, in the split's array
             log.info("%s: %d clips", split, len(self.sets[split]))
+
+    def report_bad(self, bad: list[str]):
+        """Stop on bad files, naming them (up to MAX_LISTED), or with skip_bad_files leave them out
+        and list them all in <output_dir>/bad_files.txt."""
+        files = len({c.path for c in self.clips})
+        if not self.skip_bad_files:
+            raise AudioError(f"{len(bad)} of {files} audio files cannot be used (task.skip_bad_files=true leaves "
+                             f"them out and lists them in the run dir's bad_files.txt):\n{listing(bad)}")
+        path = Path(self.output_dir or ".") / "bad_files.txt"
+        write_text(path, "\n".join(bad) + "\n")
+        log.warning("left out %d of %d audio files (task.skip_bad_files=true), listed in %s:\n%s", len(bad), files,
+                    path, listing(bad))
 
     # Each loader has its own generator: starting an epoch's iterator then draws nothing from
     # the global RNG, which the augmentation and the model draw from, so the RNG state that a

@@ -1,9 +1,12 @@
 """Which clips make up a speech data set, their words, speakers and splits (no decoding here).
 
-Splits are speaker-disjoint and deterministic: they depend only on file names, never on the
-order files are listed in or on a random seed.
+Splits are deterministic: they depend only on file names (or a data set's own split lists), never
+on the order files are listed in or on a random seed. They are speaker-disjoint where the names
+say who speaks (`<speaker>_nohash_<n>.wav`, `task.speaker_pattern`); a folder whose names do not
+is split per file, and says so.
 """
 
+import csv
 import hashlib
 import logging
 import math
@@ -13,6 +16,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,35 +64,79 @@ def _wavs(folder: Path) -> list[Path]:
 
 def speech_commands(root: Path, val_percent=10.0, test_percent=10.0) -> list[Clip]:
     """The v0.02 layout `<word>/<speaker>_nohash_<n>.wav`. validation_list.txt/testing_list.txt
-    decide the split when both exist, else the hash rule. The shipped test set's `_unknown_`
-    folder holds `<word>_<speaker>_nohash_<n>.wav.wav`: the word comes from the name.
-    Without lists, a copy where under half the speakers hash to train gets the salted rule."""
-    lists = [root / "validation_list.txt", root / "testing_list.txt"]
+    decide the split when both exist (`read_split_files`), else the hash rule. The shipped test
+    set's `_unknown_` folder holds `<word>_<speaker>_nohash_<n>.wav.wav`: the word comes from the
+    name. Without lists, a copy where under half the speakers hash to train gets the salted rule."""
+    paths = [p for f in sorted(p for p in root.iterdir() if p.is_dir() and p.name != NOISE_DIR) for p in _wavs(f)]
+    if not paths:
+        raise FileNotFoundError(f"{root}: no `<word>/*.wav` files (task.dataset=speech_commands)")
     # A copy of one official split (e.g. the shipped test set) lies in one hash range, so the
     # README's rule would leave train (nearly) empty; the same rule on a salted key re-splits it.
-    names = [(f.name, p.name) for f in root.iterdir() if f.is_dir() and f.name != NOISE_DIR for p in _wavs(f)]
-    speakers = {speaker_of(n.split("_", 1)[1] if f == UNKNOWN else n) for f, n in names}
+    speakers = {speaker_of(p.name.split("_", 1)[1] if p.parent.name == UNKNOWN else p.name) for p in paths}
     in_train = sum(hash_split(k, val_percent, test_percent) == "train" for k in speakers)
     salt = "" if in_train >= len(speakers) / 2 else "resplit:"
-    listed = None
-    if all(p.is_file() for p in lists):
-        listed = [set(p.read_text().split()) for p in lists]
+    lists = {"val": root / "validation_list.txt", "test": root / "testing_list.txt"}
+    listed = read_split_files(root, lists, paths) if all(p.is_file() for p in lists.values()) else None
     clips = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != NOISE_DIR):
-        for path in _wavs(folder):
-            word, name = folder.name, path.name
-            if word == UNKNOWN:
-                word, name = name.split("_", 1)
-            speaker = speaker_of(name)
-            if listed:
-                rel = f"{folder.name}/{path.name}"
-                split = "val" if rel in listed[0] else "test" if rel in listed[1] else "train"
-            else:
-                split = hash_split(speaker, val_percent, test_percent, salt)
-            clips.append(Clip(path, word, speaker, split))
-    if not clips:
-        raise FileNotFoundError(f"{root}: no `<word>/*.wav` files (task.dataset=speech_commands)")
+    for path in paths:
+        word, name = path.parent.name, path.name
+        if word == UNKNOWN:
+            word, name = name.split("_", 1)
+        speaker = speaker_of(name)
+        split = listed[path] if listed else hash_split(speaker, val_percent, test_percent, salt)
+        clips.append(Clip(path, word, speaker, split))
     return clips
+
+
+def read_split_files(root: Path, split_files, paths: list[Path]) -> dict[Path, str]:
+    """{file: split} from a data set's own split lists: `{split: list file}` (one path under `root`
+    per line; a file in no list is train unless a train list is given, then it is left out), or
+    one CSV file with `file` and `split` columns (a file in no row is left out). Files are read
+    line by line, so names may hold spaces (`zoom in/0a2b_nohash_0.wav`); list files are found
+    under `root` unless absolute. An entry that names no file of the data set is an error, every
+    one of them named."""
+    known = {p.relative_to(root).as_posix(): p for p in paths}
+    entries = list(_split_entries(root, split_files))
+    unknown = [f"{where}: {name}" for where, name, _ in entries if name not in known]
+    if unknown:
+        shown = "\n  ".join(unknown[:20]) + (f"\n  ... and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise ValueError(f"task.split_files: {len(unknown)} entries name no file under {root}:\n  {shown}")
+    splits = {}
+    for where, name, split in entries:
+        if splits.setdefault(known[name], split) != split:
+            raise ValueError(f"{where}: {name} is listed as {splits[known[name]]} and as {split}")
+    if isinstance(split_files, Mapping) and "train" not in split_files:
+        splits = {p: splits.get(p, "train") for p in paths}
+    if len(splits) < len(paths):
+        log.info("%d of %d files are in no split list: left out", len(paths) - len(splits), len(paths))
+    return splits
+
+
+def _split_entries(root: Path, split_files):
+    """(where: `<file>:<line>`, name, split) of every entry of the split lists or CSV."""
+    if isinstance(split_files, Mapping):
+        for split, path in split_files.items():
+            path = _under(root, path)
+            for line, name in enumerate(path.read_text().splitlines(), 1):
+                if name.strip():
+                    yield f"{path}:{line}", name.strip(), split
+        return
+    path = _under(root, split_files)
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        if not {"file", "split"} <= set(rows.fieldnames or ()):
+            raise ValueError(f"{path}:1: expected the columns file and split, got {rows.fieldnames}")
+        for line, row in enumerate(rows, 2):
+            if row["split"].strip() not in SPLITS:
+                raise ValueError(f"{path}:{line}: split must be one of {' | '.join(SPLITS)}, got {row['split']!r}")
+            yield f"{path}:{line}", row["file"].strip(), row["split"].strip()
+
+
+def _under(root: Path, path) -> Path:
+    path = Path(path) if Path(path).is_absolute() else root / path
+    if not path.is_file():
+        raise FileNotFoundError(f"task.split_files: {path} not found")
+    return path
 
 
 def gsc_label(word: str, vocabulary: str) -> str:
@@ -159,17 +207,39 @@ def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",), t
     return clips
 
 
-def folder(root: Path, val_percent=10.0, test_percent=10.0) -> list[Clip]:
-    """Any `<class>/<clip>.wav` tree: speaker-disjoint when names follow `<speaker>_nohash_<n>`,
-    otherwise split by file-name hash."""
-    clips = [
-        Clip(p, d.name, speaker_of(p.name), hash_split(speaker_of(p.name), val_percent, test_percent))
-        for d in sorted(p for p in root.iterdir() if p.is_dir())
-        for p in _wavs(d)
-    ]
-    if not clips:
+def folder(root: Path, val_percent=10.0, test_percent=10.0, speaker_pattern=None, split_files=None):
+    """Any `<class>/<clip>.wav` tree. Returns the clips and how they were split:
+    "lists": by the data set's own lists (`split_files`, see `read_split_files`);
+    "speaker": speaker-disjoint by the hash rule, the speaker being the first group of
+        `speaker_pattern` in each file name, or `<speaker>` of `<speaker>_nohash_<n>.wav`;
+    "per_file": by each file name's hash when neither applies (logged): one speaker's takes
+        may land in train and in test."""
+    paths = [p for d in sorted(p for p in root.iterdir() if p.is_dir()) for p in _wavs(d)]
+    if not paths:
         raise FileNotFoundError(f"{root}: no `<class>/*.wav` files (task.dataset=folder)")
-    return clips
+    if split_files is not None:
+        splits = read_split_files(root, split_files, paths)
+        return [Clip(p, p.parent.name, p.name, splits[p]) for p in paths if p in splits], "lists"
+    loose = []  # files whose names do not say who speaks
+    if speaker_pattern is not None:
+        speakers = {p: _pattern_speaker(p, speaker_pattern) for p in paths}
+    else:
+        speakers = {p: speaker_of(p.name) for p in paths}
+        loose = [p for p in paths if "_nohash_" not in p.name]
+    if loose:
+        log.warning("%d of %d files are not named <speaker>_nohash_<n>.wav (e.g. %s): they are split per file, NOT "
+                    "speaker-disjoint; set task.speaker_pattern or task.split_files", len(loose), len(paths),
+                    loose[0].relative_to(root))
+    kind = "per_file" if loose else "speaker"
+    return [Clip(p, p.parent.name, speakers[p], hash_split(speakers[p], val_percent, test_percent))
+            for p in paths], kind
+
+
+def _pattern_speaker(path: Path, pattern: str) -> str:
+    match = re.search(pattern, path.name)
+    if match is None or not match.group(1):
+        raise ValueError(f"{path}: task.speaker_pattern={pattern} finds no speaker in its name")
+    return match.group(1)
 
 
 def find_root(dataset: str, data_dir, root=None, download=False) -> Path:

@@ -1,7 +1,7 @@
 """SpeechTask: spoken-word classification from raw audio, one log-mel frame per time step."""
 
-import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from predictive.harness.files import save_figure, write_json
+from predictive.harness.settings import COUNT, choice, each, flag, is_number, number, regex
 from tasks.base import Task
 
 from . import datasets as ds
@@ -38,9 +40,79 @@ class SpeechEncoder(nn.Module):
         return self.logmel.features(log_mel)
 
 
+def _f_max(value, get):
+    rate, f_min = get("sample_rate"), get("f_min")
+    if value is None or not (is_number(rate) and is_number(f_min)):
+        return number(0, low_open=True, null=True)(value, get)
+    return number("f_min", rate / 2, low_open=True, null=True)(value, get)
+
+
+def _n_fft(value, get):
+    rate, win_ms = get("sample_rate"), get("win_ms")
+    window = int(rate * win_ms / 1000) if is_number(rate) and is_number(win_ms) else 1
+    return None if is_number(value, integer=True) and value >= max(window, 1) else (
+        f"an integer >= the window, sample_rate x win_ms / 1000 = {window}")
+
+
+def _test_percent(value, get):
+    val = get("val_percent")
+    allowed = number(0, 100 - val if is_number(val) else 100, high_open=is_number(val))(value, get)
+    return allowed and f"{allowed} (val_percent + test_percent < 100)"
+
+
+def _folder_only(value, get):
+    return None if value is None or get("dataset") == "folder" else "null unless task.dataset=folder"
+
+
+def _split_files(value):
+    lists = isinstance(value, Mapping) and value and set(value) <= set(ds.SPLITS) and all(
+        isinstance(v, str) for v in value.values())
+    return None if value is None or lists or (isinstance(value, str) and value.endswith(".csv")) else (
+        "a CSV file with file and split columns, or {val: <list file>, test: <list file>[, train: <list file>]}")
+
+
 class SpeechTask(Task):
     streaming = False
     features = "cells"
+    settings = {
+        "dataset": choice("fsdd", "speech_commands", "folder"),
+        "download": flag(),
+        "skip_bad_files": flag(),
+        "split": choice("official", "speaker"),
+        "speaker_pattern": lambda value, get: regex(1)(value, get) or _folder_only(value, get),
+        "split_files": lambda value, get: _folder_only(value, get) or (
+            "null when task.speaker_pattern is set (one or the other)" if value is not None
+            and get("speaker_pattern") is not None else None) or _split_files(value),
+        "vocabulary": lambda value, get: choice("12", "full")(str(value), get),  # 12 on the command line: an int
+        "val_percent": number(0, 100),
+        "test_percent": _test_percent,
+        "unknown_percent": number(0, null=True),
+        "silence_percent": number(0),
+        "sample_rate": COUNT,
+        "clip_seconds": number(0, low_open=True),
+        **{key: COUNT for key in ("n_mels", "segments", "batch_size", "cells_per_column")},
+        "n_fft": _n_fft,
+        "win_ms": number(0, low_open=True),
+        "hop_ms": number(0, low_open=True),
+        "f_min": number(0),
+        "f_max": _f_max,
+        "mel_scale": choice("slaney", "htk"),
+        "normalize": choice("utterance", "channel", "none"),
+        "deltas": flag(),
+        "context_frames": number(0, integer=True),
+        "augment.shift_ms": number(0),
+        "augment.gain_db": number(0),
+        "augment.noise_prob": number(0, 1),
+        "augment.noise_volume": number(0),
+        "augment.white_noise_prob": number(0, 1),
+        "augment.white_noise_max": number(0, 1),
+        "voiced_threshold": number(0, 1, high_open=True, null=True),
+        "voiced_range_db": number(0, low_open=True, null=True),
+        "head_dropout": number(0, 1, high_open=True),
+        "head_average": number(0, 1, high_open=True),
+        "noise_levels": each(number(0, 1)),
+        "noise_seed": number(0, integer=True),
+    }
 
     def __init__(
         self,
@@ -50,6 +122,8 @@ class SpeechTask(Task):
         download=False,
         vocabulary="12",
         split="official",
+        speaker_pattern=None,
+        split_files=None,
         val_percent=10.0,
         test_percent=10.0,
         unknown_percent=10.0,
@@ -81,17 +155,22 @@ class SpeechTask(Task):
     ):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
+        vocabulary = str(vocabulary)  # `task.vocabulary=12` on the command line is a number
+        # How the clips were split (summary.json): lists | speaker | official (FSDD's) | per_file
+        self.split = split
         if dataset == "speech_commands":
             if vocabulary not in ("12", "full"):
                 raise ValueError(f"task.vocabulary must be '12' or 'full', got {vocabulary!r}")
             clips = ds.speech_commands(self.root, val_percent, test_percent)
+            self.split = "lists" if (self.root / "validation_list.txt").is_file() else "speaker"
             if vocabulary == "12":
                 clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples, unknown_percent, silence_percent)
             label_of = lambda word: ds.gsc_label(word, vocabulary)  # noqa: E731
         elif dataset == "fsdd":
             clips, label_of = ds.fsdd(self.root, split), str
         elif dataset == "folder":
-            clips, label_of = ds.folder(self.root, val_percent, test_percent), str
+            clips, self.split = ds.folder(self.root, val_percent, test_percent, speaker_pattern, split_files)
+            label_of = str
         else:
             raise ValueError(f"task.dataset must be speech_commands | fsdd | folder, got {dataset!r}")
         if dataset == "speech_commands" and vocabulary == "12":
@@ -108,6 +187,7 @@ class SpeechTask(Task):
             skip_bad_files,
             noise_levels,
             noise_seed,
+            output_dir,
         )
         logmel = LogMel(
             sample_rate,
@@ -258,14 +338,22 @@ class SpeechTask(Task):
                 ax.text(j, i, v, ha="center", va="center", fontsize=7)
         fig.tight_layout()
         self.confusion_png = out / "confusion_test.png"
-        fig.savefig(self.confusion_png, dpi=100)
+        save_figure(fig, self.confusion_png, dpi=100)
         plt.close(fig)
-        (out / "confusion_test.json").write_text(json.dumps({"classes": self.classes, "matrix": cm.tolist()}))
+        write_json(out / "confusion_test.json", {"classes": self.classes, "matrix": cm.tolist()})
 
     def figures(self):
         return {"test/confusion": self.confusion_png} if self.confusion_png else {}
 
+    def state_dict(self):
+        """The accuracies reported so far: a run resumed after its last epoch trains and
+        validates no more, and reports them from here."""
+        return {k: v for k, v in self._results.items() if k in ("train_accuracy", "val_accuracy")}
+
+    def load_state_dict(self, state):
+        self._results.update(state)
+
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
-        return {k: self._results.get(k) for k in keys} | {"classes": self.classes}
+        return {k: self._results.get(k) for k in keys} | {"classes": self.classes, "split": self.split}
