@@ -75,6 +75,10 @@ class Task(ABC):
             raise ValueError(f"model=cnn reads spectrogram frames (task=speech), not the streams of "
                              f"{type(self).__name__}: use model=stack or model=lstm")
 
+    def write_inputs(self) -> None:
+        """Called once as training starts (after every check): write into the run dir what a
+        reader needs to know the run's inputs (e.g. the sequence sets it drew). Nothing by default."""
+
     def reset_mask(self, batch: dict) -> torch.Tensor | None:
         """(B, T) bool: True clears that stream's model state before step t (e.g. at a
         sequence boundary), or None for no resets. Non-streaming tasks need none: each batch

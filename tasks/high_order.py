@@ -92,11 +92,11 @@ def generate_sets(
     return normal, perturbed
 
 
-def write_sets(path: str | Path, sets: dict[int, tuple[list[list[int]], list[list[int]]]], **about) -> None:
+def sets_json(sets: dict[int, tuple[list[list[int]], list[list[int]]]], **about) -> str:
     """Sets in the schema `load_sets` reads, `{endings: (normal, perturbed)}`, with `about`
     (how they were made) beside them."""
-    body = {**about, "sets": {str(e): {"normal": n, "perturbed": p} for e, (n, p) in sets.items()}}
-    Path(path).write_text(json.dumps(body, indent=1))
+    body = {str(e): {"normal": n, "perturbed": p} for e, (n, p) in sets.items()}
+    return json.dumps({**about, "sets": body}, indent=1)
 
 
 def generate(
@@ -190,7 +190,7 @@ def summarize(
 
     final = mean(curve[max(switch - span, 0) : switch])
     to_95 = recovery = None
-    if final is not None:
+    if final:  # 95% of nothing is no level to reach
         target = 0.95 * final
         reached = np.flatnonzero(curve >= target)  # NaN compares False
         to_95 = int(reached[0]) + 1 if len(reached) else None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from predictive.harness.files import write_text
 from predictive.harness.settings import COUNT, choice, flag, number
 from tasks import high_order
 from tasks.base import Task
@@ -89,6 +90,8 @@ class SequenceTask(Task):
         "features": choice(*FEATURES),
         "resets": flag(),
         "code_active": number(1, "code_size", integer=True),
+        **{key: COUNT for key in ("set_symbols", "set_sequences", "set_middle")},
+        "set_seed": number(0, integer=True),
     }
 
     def __init__(
@@ -127,11 +130,9 @@ class SequenceTask(Task):
             normal, perturbed = high_order.generate_sets(set_symbols, set_sequences, set_middle, endings, set_seed)
         else:
             normal, perturbed = high_order.load_sets(endings, None if set == "published" else Path(data_dir) / set)
-        if output_dir is not None:
-            about = {"set": str(set)} | ({"symbols": set_symbols, "sequences": set_sequences, "middle": set_middle,
-                                          "seed": set_seed} if set == "generated" else {})
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            high_order.write_sets(Path(output_dir) / "sequences.json", {endings: (normal, perturbed)}, **about)
+        about = {"set": str(set)} | ({"symbols": set_symbols, "sequences": set_sequences, "middle": set_middle,
+                                      "seed": set_seed} if set == "generated" else {})
+        self._sets_file = None if output_dir is None else (Path(output_dir) / "sequences.json", about)
         self._sets = (normal, perturbed, length, switch_after)
         self._relabel_seed = seed if relabel == "shared" else None
         self.seed, self.rank, self.streams = seed, 0, self._generate(seed, streams)
@@ -148,6 +149,14 @@ class SequenceTask(Task):
         self._seen = np.zeros(streams, dtype=np.int64)  # elements seen per stream
         self._anomaly_sum, self._anomaly_count = 0.0, 0
         self._seconds, self._elements, self._last = 0.0, 0, None
+
+    def write_inputs(self) -> None:
+        """The sets this run streams, to <output_dir>/sequences.json (readable as `task.set`)."""
+        if self._sets_file is not None:
+            path, about = self._sets_file
+            normal, perturbed = self._sets[:2]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, high_order.sets_json({self.endings: (normal, perturbed)}, **about))
 
     def _generate(self, first_seed: int, count: int) -> list[high_order.Stream]:
         normal, perturbed, length, switch_after = self._sets

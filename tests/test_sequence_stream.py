@@ -131,7 +131,8 @@ def test_impossible_generated_sets_are_named(settings, name):
 def test_a_run_writes_the_sets_it_used(tmp_path):
     from tasks.sequence import SequenceTask
 
-    SequenceTask(set="generated", set_symbols=14, set_sequences=8, set_middle=6, output_dir=tmp_path, length=200)
+    SequenceTask(set="generated", set_symbols=14, set_sequences=8, set_middle=6, output_dir=tmp_path,
+                 length=200).write_inputs()  # the harness calls it as training starts
     written = tmp_path / "sequences.json"
     assert load_sets(1, written) == generate_sets(14, 8, 6, 1, 0)
     SequenceTask(set=str(written), length=200)  # a written file reads back as a set

@@ -112,6 +112,8 @@ class PredictiveModule(L.LightningModule):
         return head_out, out, state
 
     def on_fit_start(self):
+        if self.trainer.is_global_zero:
+            self.task.write_inputs()
         if self.trainer.world_size > 1:
             # Lightning's DDP re-seeds every process as it joins the group, after the model was
             # built; continuing from the build's RNG state, every process draws what one

@@ -166,6 +166,9 @@ LEARNING = {
     "rule.local_loss_weight": number(0),
     "rule.local_layers": number(0, integer=True),
     "gradient_clip_val": number(0, low_open=True, null=True),
+    "layer.recall": flag(),  # what the mode needs of a temporal-memory model (configs/model/stack.yaml)
+    "layer.fresh_steps": number(0, integer=True),
+    "layer.initial_segments": choice("empty", "random"),
 }
 COUNT = number(1, integer=True)
 LAYER = {
@@ -181,6 +184,7 @@ LAYER = {
     "fresh_steps": number(0, integer=True),
     "first_order_fallback": flag(),
     "recall": flag(),
+    "initial_segments": choice("empty", "random"),
 }
 SPARSE = number(0, 1, high_open=True)  # a share of zero weights, [0, 1)
 MODELS = {
