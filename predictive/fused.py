@@ -7,11 +7,15 @@ learning rule, prediction) for all T steps of a chunk in one numba-compiled loop
 layer's own tensors (shared memory, no copies). In local mode a layer sees nothing of the
 layers above it, so a stack runs layer by layer, each over the whole chunk.
 
-Given the same random numbers (`TemporalMemory.choose_winners`' tie-break, then the growth
-sample of `PredictiveHebbian.learn_segments`, per step), the segments, cells, winners and
-overlaps are those of the torch step bit for bit; the decoder and its prediction agree to
-float rounding (its sums run in another order). tests/test_fused.py checks both.
+Each compiled function mirrors one torch method and names it in its docstring: a change to
+one is a change to its twin. Given the same random numbers (`TemporalMemory.choose_winners`'
+tie-break, then the growth sample of `PredictiveHebbian.learn_segments`, per step), the
+segments, cells, winners and overlaps are those of the torch step bit for bit; the decoder
+and its prediction agree to float rounding (its sums run in another order).
+tests/test_fused.py checks both over random settings.
 """
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -20,8 +24,221 @@ import torch
 from predictive.memory import TemporalMemory
 
 INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk (doubled when full)
-STATE = ("cells", "winners", "columns", "predicted", "active_overlap", "potential_overlap", "context_predicted",
-         "diverted", "matching_columns", "predicted_columns", "prediction", "anomaly")
+
+
+class Settings(NamedTuple):
+    """A layer's and its rule's settings as the compiled steps read them. The rates are float32:
+    the torch steps compare them with, and add them to, float32 tensors."""
+
+    k_select: int  # columns a step activates: KWinners.k, or k_inference in eval mode
+    k: int  # TemporalMemory.k, the anomaly's denominator
+    cells_per_column: int
+    segments: int  # per cell
+    activation_threshold: int
+    matching_threshold: int
+    connected_permanence: np.float32
+    recall: bool
+    fresh_steps: int
+    training: bool  # KWinners in training mode: duty cycles and boosting move
+    duty_cycle_period: int
+    density: np.float32
+    boost_strength_factor: np.float32
+    new_synapses: int
+    grow_predicted: bool
+    connected_grace: int
+    permanence_increment: np.float32
+    permanence_decrement: np.float32
+    predicted_decrement: np.float32
+    burst_decrement: np.float32
+    initial_permanence: np.float32
+    decoder_rate: np.float32
+    decoder_code_rate: np.float32
+    decoder_bias: bool
+
+
+class Chunk(NamedTuple):
+    """A chunk's inputs: column scores (B, T, C), input (B, T, D), resets (B, T) bool, and each
+    step's random numbers (T, 2, B, N): the winners' tie-break, then the growth sample."""
+
+    scores: np.ndarray
+    x: np.ndarray
+    reset: np.ndarray
+    noise: np.ndarray
+
+
+class State(NamedTuple):
+    """`TemporalMemory.initial_state`, one (B, ...) float32 array per entry, updated in place."""
+
+    cells: np.ndarray
+    winners: np.ndarray
+    columns: np.ndarray
+    predicted: np.ndarray
+    active_overlap: np.ndarray
+    potential_overlap: np.ndarray
+    context_predicted: np.ndarray
+    diverted: np.ndarray
+    matching_columns: np.ndarray
+    predicted_columns: np.ndarray
+    prediction: np.ndarray
+    anomaly: np.ndarray
+
+
+class Outputs(NamedTuple):
+    """What `run_layer` returns of every step: (B, T, ...) float32."""
+
+    cells: np.ndarray  # (B, T, N) activity at t
+    predicted: np.ndarray  # (B, T, N) cells predicted for t+1
+    prediction: np.ndarray  # (B, T, D) decoded prediction of x[t+1]
+    anomaly: np.ndarray  # (B, T)
+
+
+class Segments(NamedTuple):
+    """`DistalSegments`' tensors, and the layer's learning step that `last_learned` counts in."""
+
+    permanence: np.ndarray  # (G, F) float32, G = N * S segments
+    presynaptic: np.ndarray  # (G, F) int64
+    last_learned: np.ndarray  # (G,) int64
+    learning_steps: np.ndarray  # (1,) int64, TemporalMemory.learning_steps
+
+
+class Decoder(NamedTuple):
+    """`TemporalMemory.decoder`: weights as stored, a row per column (`decoder_rows`), and bias."""
+
+    rows: np.ndarray  # (C, D) float32
+    bias: np.ndarray  # (D,) float32
+
+
+class Boosting(NamedTuple):
+    """`KWinners`' buffers."""
+
+    duty_cycle: np.ndarray  # (C,) float32
+    boost_strength: np.ndarray  # (1,) float32
+    learning_iterations: np.ndarray  # (1,) int64
+
+
+class Layer(NamedTuple):
+    """What a layer learns: the layer's own tensors, written in place."""
+
+    segments: Segments
+    decoder: Decoder
+    boosting: Boosting
+
+
+class Step(NamedTuple):
+    """`LayerStep` of one time step, every stream: rewritten at each step."""
+
+    columns: np.ndarray  # (B, C) bool
+    bursting: np.ndarray  # (B, C) bool
+    novel: np.ndarray  # (B, C) bool
+    matched: np.ndarray  # (B, C) bool
+    cells: np.ndarray  # (B, N) float32
+    winners: np.ndarray  # (B, N) bool
+    anomaly: np.ndarray  # (B,) float32
+    prev_active: np.ndarray  # (B, N) bool: fired or won at t-1, what segments learn from
+
+
+class Ranking(NamedTuple):
+    """`kwinners`' buffers."""
+
+    factors: np.ndarray  # (C,) boost factors
+    boosted: np.ndarray  # (C,) one stream's boosted scores
+    scratch: np.ndarray  # (C,) the same, reordered to find the k-th
+
+
+class Learning(NamedTuple):
+    """`learn_segments`' buffers: the (stream, segment) rows a step touches, and what they need."""
+
+    rows: np.ndarray  # (B * G, 2) int64
+    missing: np.ndarray  # (B * G,) int64, synapses each row may grow
+    active_delta: np.ndarray  # (B * G,) float32
+    inactive_delta: np.ndarray  # (B * G,) float32
+    best_segment: np.ndarray  # (B, N) int64, each cell's best matching segment at t-1
+    had_winners: np.ndarray  # (B,) bool, a stream had winners at t-1
+    sample: np.ndarray  # (B, new_synapses) int64, winners of t-1 to grow towards
+    sample_valid: np.ndarray  # (B, new_synapses) bool
+    used: np.ndarray  # (N,) float32, segments in use per cell (`choose_winners`)
+
+
+class Overlaps(NamedTuple):
+    """`predict`'s buffers for one stream."""
+
+    connected: np.ndarray  # (G,) float32
+    potential: np.ndarray  # (G,) float32
+    recall: np.ndarray  # (N,) bool, cells a known context's winners predict or match
+    once: np.ndarray  # (N,) bool, cells not predicted that a fresh link matches (`seen_once`)
+
+
+class Errors(NamedTuple):
+    """`learn_decoder`'s buffers."""
+
+    scaled: np.ndarray  # (D,) float32, one stream's scaled error
+    code: np.ndarray  # (B, D) float32, every stream's scaled error of the code
+
+
+class Work(NamedTuple):
+    """The step and the buffers of the compiled steps, allocated once a chunk."""
+
+    step: Step
+    ranking: Ranking
+    learning: Learning
+    overlaps: Overlaps
+    errors: Errors
+
+
+class Index(NamedTuple):
+    """For each presynaptic cell, the potential synapses onto it (segment * F + slot): cell i's
+    are entries[start[i] : start[i] + fill[i]]. An entry counts only while `position` of its
+    synapse points at it."""
+
+    start: np.ndarray
+    fill: np.ndarray
+    entries: np.ndarray
+    position: np.ndarray
+
+
+def settings(layer: TemporalMemory, hebbian) -> Settings:
+    """The settings of `layer` learning by `hebbian` (a `PredictiveHebbian`)."""
+    kw, h, f32 = layer.kwinners, hebbian, np.float32
+    return Settings(
+        k_select=int(kw.k if kw.training else kw.k_inference), k=int(layer.k),
+        cells_per_column=int(layer.cells_per_column), segments=int(layer.segments.num_segments),
+        activation_threshold=int(layer.activation_threshold), matching_threshold=int(layer.matching_threshold),
+        connected_permanence=f32(layer.segments.connected_permanence), recall=bool(layer.recall),
+        fresh_steps=int(layer.fresh_steps), training=bool(kw.training), duty_cycle_period=int(kw.duty_cycle_period),
+        density=f32(kw.density), boost_strength_factor=f32(kw.boost_strength_factor),
+        new_synapses=int(h.new_synapses), grow_predicted=bool(h.grow_predicted), connected_grace=int(h.connected_grace),
+        permanence_increment=f32(h.permanence_increment), permanence_decrement=f32(h.permanence_decrement),
+        predicted_decrement=f32(h.predicted_decrement), burst_decrement=f32(h.burst_decrement),
+        initial_permanence=f32(h.initial_permanence), decoder_rate=f32(h.decoder_rate),
+        decoder_code_rate=f32(h.decoder_code_rate), decoder_bias=bool(h.decoder_bias),
+    )
+
+
+def tensors(layer: TemporalMemory) -> Layer:
+    """Numpy views of the layer's learned tensors and counters (shared memory)."""
+    seg, kw = layer.segments, layer.kwinners
+    return Layer(
+        Segments(seg.permanence.detach().numpy(), seg.presynaptic.numpy(), seg.last_learned.numpy(),
+                 layer.learning_steps.view(1).numpy()),
+        Decoder(layer.decoder_rows.detach().numpy(), layer.decoder.bias.detach().numpy()),
+        Boosting(kw.duty_cycle.numpy(), kw.boost_strength.view(1).numpy(), kw.learning_iterations.view(1).numpy()),
+    )
+
+
+def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
+    """The step and buffers of a chunk of `b` streams."""
+    g, k = n * cfg.segments, cfg.new_synapses
+    bools = lambda *shape: np.zeros(shape, dtype=np.bool_)  # noqa: E731
+    floats = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+    ints = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
+    return Work(
+        Step(bools(b, c), bools(b, c), bools(b, c), bools(b, c), floats(b, n), bools(b, n), floats(b), bools(b, n)),
+        Ranking(floats(c), floats(c), floats(c)),
+        Learning(ints(b * g, 2), ints(b * g), floats(b * g), floats(b * g), ints(b, n), bools(b), ints(b, k),
+                 bools(b, k), floats(n)),
+        Overlaps(floats(g), floats(g), bools(n), bools(n)),
+        Errors(floats(d), floats(b, d)),
+    )
 
 
 @torch.no_grad()
@@ -31,8 +248,9 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     x: (B, T, D); state: the layer's state (not modified); reset: (B, T) bool or None.
     Returns (cells (B, T, N), predicted (B, T, N), prediction (B, T, D), anomaly (B, T), state).
     """
+    hebbian.check(layer)
     b, t_len, _ = x.shape
-    n, seg = layer.output_size, layer.segments
+    n, c = layer.output_size, layer.columns
     x = x.detach().contiguous()
     scores = layer.feedforward(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
     noise = torch.rand(t_len, 2, b, n)  # per step: winners' tie-break, then the growth sample
@@ -40,106 +258,393 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     outputs = [torch.zeros(b, t_len, n), torch.zeros(b, t_len, n), torch.zeros(b, t_len, layer.input_size),
                torch.zeros(b, t_len)]
     reset = torch.zeros(b, t_len, dtype=torch.bool) if reset is None else reset.contiguous()
-    kw = layer.kwinners
-    counters = torch.stack([layer.learning_steps, kw.learning_iterations])
-    boost = kw.boost_strength.view(1).clone()
-    settings = np.array([
-        kw.k if kw.training else kw.k_inference, layer.k, layer.cells_per_column, seg.num_segments,
-        layer.activation_threshold, layer.matching_threshold, hebbian.new_synapses, hebbian.grow_predicted,
-        hebbian.decoder_bias, kw.training, kw.duty_cycle_period, layer.recall, hebbian.connected_grace,
-        layer.fresh_steps,
-    ], dtype=np.int64)
-    rates = np.array([
-        seg.connected_permanence, hebbian.permanence_increment, hebbian.permanence_decrement,
-        hebbian.predicted_decrement, hebbian.burst_decrement, hebbian.initial_permanence, hebbian.decoder_rate,
-        kw.density, kw.boost_strength_factor, hebbian.decoder_code_rate,
-    ], dtype=np.float32)
+    cfg = settings(layer, hebbian)
     chunk(
-        scores.numpy(), x.numpy(), reset.numpy(), noise.numpy(), *(state[k].numpy() for k in STATE),
-        *(o.numpy() for o in outputs), seg.permanence.detach().numpy(), seg.presynaptic.numpy(),
-        seg.last_learned.numpy(), layer.decoder_rows.detach().numpy(), layer.decoder.bias.detach().numpy(),
-        kw.duty_cycle.numpy(), boost.numpy(), counters.numpy(), settings, rates,
+        cfg, Chunk(scores.numpy(), x.numpy(), reset.numpy(), noise.numpy()),
+        State(*(state[name].numpy() for name in State._fields)), tensors(layer),
+        buffers(cfg, b, c, n, layer.input_size), Outputs(*(o.numpy() for o in outputs)),
     )
-    layer.learning_steps.copy_(counters[0])
-    kw.learning_iterations.copy_(counters[1])
-    kw.boost_strength.copy_(boost[0])
-    seg.synapse_masks_changed()  # written through numpy: the permanence version did not move
+    layer.segments.synapse_masks_changed()  # written through numpy: the permanence version did not move
     return (*outputs, state)
 
 
 @numba.njit(cache=True)
-def reverse_index(perm, presyn, last_learned, n_len, slack):
-    """For each presynaptic cell, the potential synapses onto it (segment * F + slot), with
-    `slack` free places for synapses grown later: an overlap then visits the synapses of the
-    active cells alone. An entry counts only while `position` of its synapse points at it, so
-    a synapse re-targeted to another cell leaves a stale entry behind, never a second count."""
-    g_len, f_len = perm.shape
-    count = np.zeros(n_len, dtype=np.int64)
-    for g in range(g_len):
-        if last_learned[g] >= 0:  # never grown: every permanence is 0
-            for f in range(f_len):
-                if perm[g, f] > 0:
-                    count[presyn[g, f]] += 1
-    start = np.zeros(n_len + 1, dtype=np.int64)
-    for n in range(n_len):
-        start[n + 1] = start[n] + count[n] + slack
-    entries = np.empty(start[n_len], dtype=np.int64)
-    fill = np.zeros(n_len, dtype=np.int64)
-    position = np.full(g_len * f_len, -1, dtype=np.int64)
-    for g in range(g_len):
-        if last_learned[g] >= 0:
-            for f in range(f_len):
-                if perm[g, f] > 0:
-                    cell = presyn[g, f]
-                    place = start[cell] + fill[cell]
-                    entries[place] = g * f_len + f
-                    position[g * f_len + f] = place
-                    fill[cell] += 1
-    return start, fill, entries, position
+def chunk(cfg, inputs, state, layer, work, out):
+    """T steps of `TemporalMemory.forward` with `PredictiveHebbian.__call__` as its rule."""
+    segments, decoder, boosting = layer
+    step, learning, overlaps = work.step, work.learning, work.overlaps
+    n_len, slack = state.cells.shape[1], INDEX_SLACK
+    index = reverse_index(segments, n_len, slack)
+    segments_in_use(segments.last_learned, learning.used)
+    for t in range(inputs.x.shape[1]):
+        for b in range(inputs.reset.shape[0]):
+            if inputs.reset[b, t]:
+                reset_stream(state, b)
+        kwinners(cfg, inputs.scores[:, t], boosting, step.columns, work.ranking)
+        activate(cfg, state, step)
+        choose_winners(cfg, state, step, inputs.noise[t, 0], learning.used)
+        if not learn(cfg, state, segments, decoder, step, inputs.x[:, t], inputs.noise[t, 1], index, learning,
+                     work.errors):
+            slack *= 2  # a cell's list in the reverse index was full: rebuild it with more room
+            index = reverse_index(segments, n_len, slack)
+        predict(cfg, state, segments, decoder, step, index, overlaps)
+        record(state, out, t)
 
 
 @numba.njit(cache=True)
-def overlaps(activity, perm, index, conn, connected_out, potential_out):
-    """Connected and potential overlaps of every segment with a 0/1 activity (N,)."""
-    start, fill, entries, position = index
-    f_len = perm.shape[1]
-    connected_out[:] = 0.0
-    potential_out[:] = 0.0
-    for cell in np.flatnonzero(activity > 0):
-        for place in range(start[cell], start[cell] + fill[cell]):
-            synapse = entries[place]
-            if position[synapse] != place:
+def reset_stream(state, b):
+    """`TemporalMemory.forward`'s reset: stream b's state is cleared first."""
+    state.cells[b] = 0.0
+    state.winners[b] = 0.0
+    state.columns[b] = 0.0
+    state.predicted[b] = 0.0
+    state.active_overlap[b] = 0.0
+    state.potential_overlap[b] = 0.0
+    state.context_predicted[b] = 0.0
+    state.diverted[b] = 0.0
+    state.matching_columns[b] = 0.0
+    state.predicted_columns[b] = 0.0
+    state.prediction[b] = 0.0
+    state.anomaly[b] = 0.0
+
+
+@numba.njit(cache=True)
+def record(state, out, t):
+    """The step's entries of what `run_layer` returns, from the new state."""
+    for b in range(out.cells.shape[0]):
+        out.cells[b, t] = state.cells[b]
+        out.predicted[b, t] = state.predicted[b]
+        out.prediction[b, t] = state.prediction[b]
+        out.anomaly[b, t] = state.anomaly[b]
+
+
+@numba.njit(cache=True)
+def kwinners(cfg, scores, boosting, columns, ranking):
+    """`KWinners.winners`: the `k_select` largest boosted scores (B, C) of each stream, ties
+    by lowest index, into `columns`; in training mode the duty cycles follow."""
+    b_len, c_len = scores.shape
+    k, duty, boost = cfg.k_select, boosting.duty_cycle, boosting.boost_strength
+    factors, boosted = ranking.factors, ranking.boosted
+    for c in range(c_len):
+        factors[c] = np.float32(np.exp(np.float32((cfg.density - duty[c]) * boost[0])))
+    for b in range(b_len):
+        for c in range(c_len):
+            boosted[c] = scores[b, c] * factors[c]
+        # The k largest: every score above the k-th, then ties at it by lowest index.
+        kth = kth_smallest(boosted, c_len - k, ranking.scratch)
+        taken = 0
+        for c in range(c_len):
+            columns[b, c] = boosted[c] > kth
+            taken += columns[b, c]
+        for c in range(c_len):
+            if taken < k and boosted[c] == kth:
+                columns[b, c] = True
+                taken += 1
+    if cfg.training:
+        update_duty_cycle(cfg, columns, boosting)
+
+
+@numba.njit(cache=True)
+def kth_smallest(values, k, scratch):
+    """np.partition(values, k)[k], by quickselect in `scratch` (numpy's takes ~10 s to compile)."""
+    scratch[:] = values
+    lo, hi = 0, scratch.shape[0] - 1
+    while lo < hi:
+        pivot = scratch[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:  # Hoare: [lo, j] <= pivot <= [i, hi], and what lies between equals it
+            while scratch[i] < pivot:
+                i += 1
+            while scratch[j] > pivot:
+                j -= 1
+            if i <= j:
+                scratch[i], scratch[j] = scratch[j], scratch[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return scratch[k]
+
+
+@numba.njit(cache=True)
+def update_duty_cycle(cfg, columns, boosting):
+    """`KWinners.update_duty_cycle`: each column's running share of active steps, and the
+    boost strength's decay."""
+    b_len, c_len = columns.shape
+    duty, iterations, boost = boosting.duty_cycle, boosting.learning_iterations, boosting.boost_strength
+    iterations[0] += b_len
+    period = min(iterations[0], cfg.duty_cycle_period)
+    for c in range(c_len):
+        count = 0
+        for b in range(b_len):
+            count += columns[b, c]
+        duty[c] = (duty[c] * np.float32(period - b_len) + np.float32(count)) / np.float32(period)
+    boost[0] = boost[0] * cfg.boost_strength_factor
+
+
+@numba.njit(cache=True)
+def activate(cfg, state, step):
+    """`TemporalMemory.activate`: in each active column the predicted cells fire, or all its
+    cells when none was predicted (a burst). In a column a known context predicts, only the
+    cells it predicts count as predicted. Also the anomaly and the activity of t-1."""
+    columns, bursting, cells, prev_active = step.columns, step.bursting, step.cells, step.prev_active
+    predicted, context = state.predicted, state.context_predicted
+    b_len, c_len = columns.shape
+    n_len, m = cells.shape[1], cfg.cells_per_column
+    for b in range(b_len):
+        hits = 0
+        for n in range(n_len):
+            prev_active[b, n] = state.cells[b, n] > 0 or state.winners[b, n] > 0  # fired or won at t-1
+            cells[b, n] = 0.0
+        for c in range(c_len):
+            bursting[b, c] = False
+            if not columns[b, c]:
                 continue
-            g = synapse // f_len
-            w = perm[g, synapse - g * f_len]
-            if w > 0:
-                potential_out[g] += 1
-                if w >= conn:
-                    connected_out[g] += 1
+            in_context = False
+            if cfg.recall and state.diverted[b] > 0:
+                for n in range(c * m, (c + 1) * m):
+                    in_context |= context[b, n] > 0
+            column_predicted = False
+            for n in range(c * m, (c + 1) * m):
+                cells[b, n] = predicted[b, n] * context[b, n] if in_context else predicted[b, n]
+                column_predicted |= cells[b, n] > 0
+            bursting[b, c] = not column_predicted
+            hits += column_predicted
+            if not column_predicted:
+                cells[b, c * m:(c + 1) * m] = 1.0
+        step.anomaly[b] = np.float32(1.0) - np.float32(hits) / np.float32(cfg.k)
 
 
 @numba.njit(cache=True)
-def decode(columns, dec_b, dec_wt, out):
-    """TemporalMemory.decode of one stream's column activity (C,) into `out` (D,): the bias plus
-    each active column's weights (`dec_wt`, C x D) times its activity."""
-    out[:] = dec_b
-    for c in np.flatnonzero(columns):
-        for d in range(out.shape[0]):
-            out[d] += np.float32(columns[c]) * dec_wt[c, d]
+def choose_winners(cfg, state, step, noise, used):
+    """`TemporalMemory.choose_winners`: the fired cells the context predicted win; a novel
+    column (none did) takes one winner, the cell with the best matching segment, else the
+    least `used` cell (`noise` (B, N) breaks ties)."""
+    columns, cells, winners, novel, matched = step.columns, step.cells, step.winners, step.novel, step.matched
+    context, potential = state.context_predicted, state.potential_overlap
+    b_len, c_len = columns.shape
+    m = cfg.cells_per_column
+    for b in range(b_len):
+        winners[b] = False
+        for c in range(c_len):
+            novel[b, c] = False
+            matched[b, c] = False
+            if not columns[b, c]:
+                continue
+            any_winner = False
+            for n in range(c * m, (c + 1) * m):
+                if cells[b, n] > 0 and context[b, n] > 0:
+                    winners[b, n] = True
+                    any_winner = True
+            if any_winner:
+                continue
+            novel[b, c] = True
+            best_value, best_cell = np.float32(-1.0), 0
+            for n in range(c * m, (c + 1) * m):
+                for s in range(potential.shape[2]):
+                    if potential[b, n, s] > best_value:
+                        best_value, best_cell = potential[b, n, s], n
+            matched[b, c] = best_value >= cfg.matching_threshold
+            winners[b, best_cell if matched[b, c] else least_used(used, noise[b], c * m, (c + 1) * m)] = True
 
 
 @numba.njit(cache=True)
-def add_delta(columns, scaled, dec_wt):
-    """The weight step of PredictiveHebbian.delta_rule for one stream: each active column's
-    decoder weights (`dec_wt`, C x D) move by the scaled error (D,) times its activity (C,)."""
-    for c in np.flatnonzero(columns):
-        for d in range(scaled.shape[0]):
-            dec_wt[c, d] += scaled[d] * np.float32(columns[c])
+def segments_in_use(last_learned, used):
+    """`TemporalMemory.choose_winners`' `used`: each cell's segments that ever learned (at the
+    start of a chunk; `learn_segments` counts the segments it starts)."""
+    s_len = last_learned.shape[0] // used.shape[0]
+    for cell in range(used.shape[0]):
+        count = 0
+        for g in range(cell * s_len, (cell + 1) * s_len):
+            count += last_learned[g] >= 0
+        used[cell] = count
+
+
+@numba.njit(cache=True)
+def least_used(used, noise, first, end):
+    """`TemporalMemory.choose_winners`' fallback: of the cells first..end-1 (a column), the one
+    with the fewest segments in use, `noise` (N,) breaking ties."""
+    chosen, lowest = first, np.float32(np.inf)
+    for n in range(first, end):
+        value = used[n] + noise[n]
+        if value < lowest:
+            chosen, lowest = n, value
+    return chosen
+
+
+@numba.njit(cache=True)
+def learn(cfg, state, segments, decoder, step, x, noise, index, learning, errors):
+    """`PredictiveHebbian.__call__`: the segments, then the decoder, from what the layer saw at
+    t-1 (`state`) and t (`step`, input x (B, D)). False when the reverse index ran full."""
+    segments.learning_steps[0] += 1
+    fits = learn_segments(cfg, state, segments, step, noise, index, learning)
+    learn_decoder(cfg, state, decoder, step, x, errors)
+    return fits
+
+
+@numba.njit(cache=True)
+def learn_segments(cfg, state, segments, step, noise, index, learning):
+    """`PredictiveHebbian.learn_segments`: segments that predicted a winner are reinforced,
+    those that predicted a column that stayed inactive weakened; a novel column's matched
+    winner grows its best matching segment, an unmatched one starts a new segment, towards a
+    sample (`noise` (B, N)) of the winners of t-1. False when the reverse index ran full."""
+    if not step.prev_active.any():
+        return True  # first step after a reset: no context to learn from
+    perm, presyn, last_learned = segments.permanence, segments.presynaptic, segments.last_learned
+    rows, active_delta, inactive_delta = learning.rows, learning.active_delta, learning.inactive_delta
+    best_segments(state, learning)
+    reinforced = reinforced_rows(cfg, state, step, learning)
+    adapt(rows, active_delta, inactive_delta, reinforced, perm, presyn, step.prev_active)
+    wrong = wrong_rows(cfg, state, step, learning, reinforced)
+    adapt(rows[reinforced:], active_delta[reinforced:], inactive_delta[reinforced:], wrong, perm, presyn,
+          step.prev_active)
+    count = growth_rows(cfg, state, segments, step, learning, reinforced)
+    for i in range(reinforced, count):
+        perm[rows[i, 1]] = 0.0
+    fits = True
+    if count > 0 and learning.had_winners.any():
+        sample_winners(state.winners, noise, learning.sample, learning.sample_valid)
+        fits = grow(rows, learning.missing, count, learning.sample, learning.sample_valid, perm, presyn,
+                    cfg.initial_permanence, index)
+    for i in range(count):
+        g = rows[i, 1]
+        if last_learned[g] < 0:
+            learning.used[g // cfg.segments] += 1
+        last_learned[g] = segments.learning_steps[0]
+    return fits
+
+
+@numba.njit(cache=True)
+def best_segments(state, learning):
+    """`PredictiveHebbian.learn_segments`' `best`: each cell's segment with the most potential
+    synapses on the cells of t-1 (the first of equals); and which streams had winners."""
+    potential, winners = state.potential_overlap, state.winners
+    best_segment, had_winners = learning.best_segment, learning.had_winners
+    b_len, n_len, s_len = potential.shape
+    for b in range(b_len):
+        had_winners[b] = False
+        for n in range(n_len):
+            best = 0
+            for s in range(1, s_len):
+                if potential[b, n, s] > potential[b, n, best]:
+                    best = s
+            best_segment[b, n] = best
+            had_winners[b] |= winners[b, n] > 0
+
+
+@numba.njit(cache=True)
+def reinforced_rows(cfg, state, step, learning):
+    """`PredictiveHebbian.learn_segments`' `learning`: segments that predicted a winner of a
+    column that is not novel, and the best matching segment of a novel column's matched
+    winner, as rows with their deltas. Returns their count."""
+    active, winners, novel, matched = state.active_overlap, step.winners, step.novel, step.matched
+    rows, best_segment = learning.rows, learning.best_segment
+    b_len, n_len, s_len = active.shape
+    m, count = cfg.cells_per_column, 0
+    for b in range(b_len):
+        for n in range(n_len):
+            if not winners[b, n]:
+                continue
+            c = n // m
+            for s in range(s_len):
+                if novel[b, c]:
+                    take = matched[b, c] and s == best_segment[b, n]
+                else:
+                    take = active[b, n, s] >= cfg.activation_threshold
+                if take:
+                    rows[count, 0], rows[count, 1] = b, n * s_len + s
+                    learning.active_delta[count] = cfg.permanence_increment
+                    learning.inactive_delta[count] = -cfg.permanence_decrement
+                    count += 1
+    return count
+
+
+@numba.njit(cache=True)
+def wrong_rows(cfg, state, step, learning, first):
+    """`PredictiveHebbian.learn_segments`' `wrong`: segments that predicted a cell of a column
+    that stayed inactive (in a known context, only the cells its winners predicted), as rows
+    from `first` on. Returns their count."""
+    active, predicted, context, columns = state.active_overlap, state.predicted, state.context_predicted, step.columns
+    rows = learning.rows
+    b_len, n_len, s_len = active.shape
+    m, count = cfg.cells_per_column, first
+    for b in range(b_len):
+        decrement = cfg.burst_decrement if state.anomaly[b] > 0 else cfg.predicted_decrement
+        for n in range(n_len):
+            if predicted[b, n] <= 0 or columns[b, n // m]:
+                continue
+            if state.diverted[b] > 0 and context[b, n] <= 0:
+                continue  # another context's cell in a known one (learning.py)
+            for s in range(s_len):
+                if active[b, n, s] >= cfg.activation_threshold:
+                    rows[count, 0], rows[count, 1] = b, n * s_len + s
+                    learning.active_delta[count], learning.inactive_delta[count] = -decrement, 0.0
+                    count += 1
+    return count - first
+
+
+@numba.njit(cache=True)
+def growth_rows(cfg, state, segments, step, learning, reinforced):
+    """`PredictiveHebbian.learn_segments`' `grow_segment` and `missing`: the reinforced rows
+    (only a novel column's matched segment grows unless `grow_predicted`), then a new segment
+    on each unmatched novel winner of a stream that had winners. Returns the rows' count."""
+    winners, novel, matched, rows, missing = step.winners, step.novel, step.matched, learning.rows, learning.missing
+    s_len, m = cfg.segments, cfg.cells_per_column
+    for i in range(reinforced):
+        b, g = rows[i, 0], rows[i, 1]
+        n, s = g // s_len, g % s_len
+        grows = cfg.grow_predicted or (novel[b, n // m] and matched[b, n // m])
+        missing[i] = max(cfg.new_synapses - int(state.potential_overlap[b, n, s]), 0) if grows else 0
+    count = reinforced
+    for b in range(winners.shape[0]):
+        if not learning.had_winners[b]:
+            continue
+        for n in range(winners.shape[1]):
+            c = n // m
+            if winners[b, n] and novel[b, c] and not matched[b, c]:
+                rows[count, 0], rows[count, 1] = b, n * s_len + new_segment_slot(cfg, segments, n)
+                missing[count] = cfg.new_synapses
+                count += 1
+    return count
+
+
+@numba.njit(cache=True)
+def new_segment_slot(cfg, segments, cell):
+    """`PredictiveHebbian.learn_segments`' `slots`: the cell's least recently learned segment,
+    an established one (with a connected synapse) counted `connected_grace` steps younger."""
+    perm, last_learned = segments.permanence, segments.last_learned
+    slot, oldest = 0, np.int64(0)
+    for s in range(cfg.segments):
+        g = cell * cfg.segments + s
+        key = last_learned[g]
+        for j in range(perm.shape[1]):
+            if perm[g, j] >= cfg.connected_permanence:
+                key += cfg.connected_grace
+                break
+        if s == 0 or key < oldest:
+            slot, oldest = s, key
+    return slot
+
+
+@numba.njit(cache=True)
+def sample_winners(winners, noise, sample, valid):
+    """`PredictiveHebbian.grow`'s sample: per stream, up to `new_synapses` winners of t-1
+    (`winners` (B, N)), highest `noise` first."""
+    for b in range(winners.shape[0]):
+        candidates = np.flatnonzero((winners[b] > 0) & (noise[b] > 0))
+        order = candidates[np.argsort(-noise[b, candidates], kind="mergesort")]
+        for j in range(sample.shape[1]):
+            valid[b, j] = j < order.size
+            sample[b, j] = order[j] if j < order.size else 0
 
 
 @numba.njit(cache=True)
 def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active):
-    """PredictiveHebbian.adapt on `count` rows (stream, segment): every delta is computed from
+    """`PredictiveHebbian.adapt` on `count` rows (stream, segment): every delta is computed from
     the permanences before any is added (as the vectorized rule does), then rows are clamped."""
     f_len = perm.shape[1]
     delta = np.zeros((count, f_len), dtype=np.float32)
@@ -160,13 +665,11 @@ def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active
 
 @numba.njit(cache=True)
 def grow(rows, missing, count, sample, sample_valid, perm, presyn, initial, index):
-    """PredictiveHebbian.grow: each row's segment points up to `missing` of its weakest slots
+    """`PredictiveHebbian.grow`: each row's segment points up to `missing` of its weakest slots
     at sampled winners of t-1 it does not reach yet; all rows decided before any is written.
     The reverse index gets the new synapses; returns False when a cell's list was full (the
     index must then be rebuilt)."""
-    start, fill, entries, position = index
-    k = sample.shape[1]
-    f_len = perm.shape[1]
+    k, f_len = sample.shape[1], perm.shape[1]
     write_slot = np.full((count, k), -1, dtype=np.int64)
     for i in range(count):
         b, g = rows[i, 0], rows[i, 1]
@@ -184,7 +687,7 @@ def grow(rows, missing, count, sample, sample_valid, perm, presyn, initial, inde
             if rank < missing[i]:
                 write_slot[i, j] = weakest[rank]
             rank += 1
-    fits = True
+    fits, position = True, index.position
     for i in range(count):
         b, g = rows[i, 0], rows[i, 1]
         for j in range(k):
@@ -193,347 +696,219 @@ def grow(rows, missing, count, sample, sample_valid, perm, presyn, initial, inde
                 continue
             cell, synapse = sample[b, j], g * f_len + slot
             listed = position[synapse] >= 0 and presyn[g, slot] == cell
-            presyn[g, slot] = cell
-            perm[g, slot] = initial
-            if listed:
-                continue
-            if start[cell] + fill[cell] == start[cell + 1]:
-                fits = False
-                continue
-            place = start[cell] + fill[cell]
-            entries[place] = synapse
-            position[synapse] = place
-            fill[cell] += 1
+            presyn[g, slot], perm[g, slot] = cell, initial
+            if not listed:
+                fits &= index_synapse(index, synapse, cell)
     return fits
 
 
 @numba.njit(cache=True)
-def chunk(scores, x, reset, noise,
-          cells, winners, columns, predicted, active_overlap, potential_overlap, context_predicted,
-          diverted, matching_columns, predicted_columns, prediction, anomaly,
-          cells_out, predicted_out, prediction_out, anomaly_out,
-          perm, presyn, last_learned, dec_wt, dec_b, duty, boost, counters, settings, rates):
-    b_len, t_len, c_len = scores.shape
-    n_len, d_len = cells.shape[1], x.shape[2]
-    k_select, k, m, s_len = settings[0], settings[1], settings[2], settings[3]
-    act_thr, match_thr, new_synapses = settings[4], settings[5], settings[6]
-    grow_predicted, decoder_bias, training, period_max = settings[7] > 0, settings[8] > 0, settings[9] > 0, settings[10]
-    recall_on, grace, fresh_steps = settings[11] > 0, settings[12], settings[13]
-    conn, inc, dec, pred_dec, burst_dec, initial, decoder_rate, density, boost_factor, code_rate = (
-        rates[0], rates[1], rates[2], rates[3], rates[4], rates[5], rates[6], rates[7], rates[8], rates[9])
-    g_len = n_len * s_len
-    active_cols = np.zeros((b_len, c_len), dtype=np.bool_)
-    bursting = np.zeros((b_len, c_len), dtype=np.bool_)
-    novel = np.zeros((b_len, c_len), dtype=np.bool_)
-    matched = np.zeros((b_len, c_len), dtype=np.bool_)
-    new_cells = np.zeros((b_len, n_len), dtype=np.float32)
-    new_winners = np.zeros((b_len, n_len), dtype=np.bool_)
-    prev_active = np.zeros((b_len, n_len), dtype=np.bool_)
-    best_segment = np.zeros((b_len, n_len), dtype=np.int64)
-    boost_values = np.empty(c_len, dtype=np.float32)
-    boosted = np.empty(c_len, dtype=np.float32)
-    used = np.empty(n_len, dtype=np.float32)
-    fire = np.empty(n_len, dtype=np.float32)  # cells of one stream that fire, before bursts
-    rows = np.empty((b_len * g_len, 2), dtype=np.int64)
-    row_missing = np.empty(b_len * g_len, dtype=np.int64)
-    deltas_a = np.empty(b_len * g_len, dtype=np.float32)
-    deltas_i = np.empty(b_len * g_len, dtype=np.float32)
-    sample = np.zeros((b_len, new_synapses), dtype=np.int64)
-    sample_valid = np.zeros((b_len, new_synapses), dtype=np.bool_)
-    conn_buf = np.empty(g_len, dtype=np.float32)
-    pot_buf = np.empty(g_len, dtype=np.float32)
-    known = np.zeros(b_len, dtype=np.bool_)
-    recall = np.zeros(n_len, dtype=np.bool_)  # cells the winners of a known context predict or match
-    once = np.zeros(n_len, dtype=np.bool_)  # fired cells' links that match without connecting
-    had_winners = np.zeros(b_len, dtype=np.bool_)  # a stream had winners at t-1
-    scaled = np.empty(d_len, dtype=np.float32)
-    code_error = np.empty((b_len, d_len), dtype=np.float32)
-    slack = INDEX_SLACK
-    index = reverse_index(perm, presyn, last_learned, n_len, slack)
+def index_synapse(index, synapse, cell):
+    """A synapse grown onto `cell` enters the cell's list in the reverse index. False when the
+    list is full (the synapse is then left out until the index is rebuilt)."""
+    start, fill = index.start, index.fill
+    place = start[cell] + fill[cell]
+    if place == start[cell + 1]:
+        return False
+    index.entries[place] = synapse
+    index.position[synapse] = place
+    fill[cell] += 1
+    return True
 
-    for t in range(t_len):
-        for b in range(b_len):
-            if reset[b, t]:
-                cells[b] = 0.0
-                winners[b] = 0.0
-                columns[b] = 0.0
-                predicted[b] = 0.0
-                active_overlap[b] = 0.0
-                potential_overlap[b] = 0.0
-                context_predicted[b] = 0.0
-                diverted[b] = 0.0
-                matching_columns[b] = 0.0
-                predicted_columns[b] = 0.0
-                prediction[b] = 0.0
-                anomaly[b] = 0.0
 
-        # Column selection: k-WTA on boosted scores, then the duty cycles (KWinners.winners).
-        for c in range(c_len):
-            boost_values[c] = np.float32(np.exp(np.float32((np.float32(density) - duty[c]) * boost[0])))
-        for b in range(b_len):
-            for c in range(c_len):
-                boosted[c] = scores[b, t, c] * boost_values[c]
-            # The k largest: every score above the k-th, then ties at it by lowest index.
-            kth = np.partition(boosted, c_len - k_select)[c_len - k_select]
-            taken = 0
-            for c in range(c_len):
-                active_cols[b, c] = boosted[c] > kth
-                taken += active_cols[b, c]
-            for c in range(c_len):
-                if taken < k_select and boosted[c] == kth:
-                    active_cols[b, c] = True
-                    taken += 1
-        if training:
-            counters[1] += b_len
-            period = min(counters[1], period_max)
-            for c in range(c_len):
-                count = 0
-                for b in range(b_len):
-                    count += active_cols[b, c]
-                duty[c] = (duty[c] * np.float32(period - b_len) + np.float32(count)) / np.float32(period)
-            boost[0] = boost[0] * boost_factor
-
-        # Cells: predicted cells of active columns fire, an unpredicted column bursts; winners
-        # (TemporalMemory.activate and choose_winners).
-        for cell in range(n_len):
-            u = 0
-            for s in range(s_len):
-                u += last_learned[cell * s_len + s] >= 0
-            used[cell] = u
-        for b in range(b_len):
-            hits = 0
-            for n in range(n_len):
-                prev_active[b, n] = cells[b, n] > 0 or winners[b, n] > 0  # fired or won at t-1
-                new_cells[b, n] = 0.0
-                new_winners[b, n] = False
-            for c in range(c_len):
-                novel[b, c] = False
-                matched[b, c] = False
-                bursting[b, c] = False
-                if not active_cols[b, c]:
-                    continue
-                # A known context fires only the cells it predicts in a column it predicts
-                # (TemporalMemory.activate); a column left with none bursts.
-                in_context = False
-                if recall_on and diverted[b] > 0:
-                    for i in range(m):
-                        in_context |= context_predicted[b, c * m + i] > 0
-                column_predicted = False
-                for i in range(m):
-                    n = c * m + i
-                    fire[n] = predicted[b, n] * context_predicted[b, n] if in_context else predicted[b, n]
-                    column_predicted |= fire[n] > 0
-                bursting[b, c] = not column_predicted
-                hits += column_predicted
-                any_winner = False
-                for i in range(m):
-                    n = c * m + i
-                    new_cells[b, n] = fire[n] if column_predicted else 1.0
-                    if new_cells[b, n] > 0 and context_predicted[b, n] > 0:
-                        new_winners[b, n] = True
-                        any_winner = True
-                if any_winner:
-                    continue
-                novel[b, c] = True
-                best_value, best_cell = np.float32(-1.0), 0
-                for i in range(m):
-                    n = c * m + i
-                    value = potential_overlap[b, n, 0]
-                    for s in range(1, s_len):
-                        value = max(value, potential_overlap[b, n, s])
-                    if value > best_value:
-                        best_value, best_cell = value, i
-                matched[b, c] = best_value >= match_thr
-                if matched[b, c]:
-                    chosen = best_cell
-                else:
-                    chosen, lowest = 0, np.float32(np.inf)
-                    for i in range(m):
-                        value = used[c * m + i] + noise[t, 0, b, c * m + i]
-                        if value < lowest:
-                            chosen, lowest = i, value
-                new_winners[b, c * m + chosen] = True
-            anomaly_value = np.float32(1.0) - np.float32(hits) / np.float32(k)
-            anomaly_out[b, t] = anomaly_value
-
-        # Learning (PredictiveHebbian.__call__), from what the layer saw at t-1 and t.
-        counters[0] += 1
-        learn = False
-        for b in range(b_len):
-            for n in range(n_len):
-                learn |= prev_active[b, n]
-        if learn:
-            count = 0
-            for b in range(b_len):
-                had_winners[b] = False
-                for n in range(n_len):
-                    best = 0
-                    for s in range(1, s_len):
-                        if potential_overlap[b, n, s] > potential_overlap[b, n, best]:
-                            best = s
-                    best_segment[b, n] = best
-                    had_winners[b] |= winners[b, n] > 0
-            # Reinforced: segments that predicted a winner of a column that is not novel, and
-            # the best matching segment of a novel column's matched winner.
-            for b in range(b_len):
-                for n in range(n_len):
-                    if not new_winners[b, n]:
-                        continue
-                    c = n // m
-                    for s in range(s_len):
-                        if novel[b, c]:
-                            take = matched[b, c] and s == best_segment[b, n]
-                        else:
-                            take = active_overlap[b, n, s] >= act_thr
-                        if take:
-                            rows[count, 0], rows[count, 1] = b, n * s_len + s
-                            deltas_a[count], deltas_i[count] = inc, -dec
-                            count += 1
-            reinforced = count
-            adapt(rows, deltas_a, deltas_i, reinforced, perm, presyn, prev_active)
-            # Weakened: segments that predicted a cell of a column that stayed inactive.
-            wrong = 0
-            for b in range(b_len):
-                decrement = burst_dec if anomaly[b] > 0 else pred_dec
-                for n in range(n_len):
-                    if predicted[b, n] <= 0 or active_cols[b, n // m]:
-                        continue
-                    if diverted[b] > 0 and context_predicted[b, n] <= 0:
-                        continue  # another context's cell in a known one (learning.py)
-                    for s in range(s_len):
-                        if active_overlap[b, n, s] >= act_thr:
-                            rows[count + wrong, 0], rows[count + wrong, 1] = b, n * s_len + s
-                            deltas_a[count + wrong], deltas_i[count + wrong] = -decrement, 0.0
-                            wrong += 1
-            adapt(rows[count:], deltas_a[count:], deltas_i[count:], wrong, perm, presyn, prev_active)
-            # Growth rows: reinforced segments (only a novel column's matched segment grows
-            # unless grow_predicted), then a new segment on each unmatched novel winner.
-            for i in range(reinforced):
-                b, g = rows[i, 0], rows[i, 1]
-                n, s = g // s_len, g % s_len
-                grows = grow_predicted or (novel[b, n // m] and matched[b, n // m])
-                row_missing[i] = max(new_synapses - int(potential_overlap[b, n, s]), 0) if grows else 0
-            count = reinforced
-            for b in range(b_len):
-                if not had_winners[b]:
-                    continue
-                for n in range(n_len):
-                    c = n // m
-                    if new_winners[b, n] and novel[b, c] and not matched[b, c]:
-                        # The least recently learned slot, an established segment (one with a
-                        # connected synapse) counted `grace` steps younger (learn_segments).
-                        slot, oldest = 0, np.int64(0)
-                        for s in range(s_len):
-                            g = n * s_len + s
-                            key = last_learned[g]
-                            for j in range(perm.shape[1]):
-                                if perm[g, j] >= conn:
-                                    key += grace
-                                    break
-                            if s == 0 or key < oldest:
-                                slot, oldest = s, key
-                        rows[count, 0], rows[count, 1] = b, n * s_len + slot
-                        row_missing[count] = new_synapses
-                        count += 1
-            for i in range(reinforced, count):
-                perm[rows[i, 1]] = 0.0
-            fits = True
-            if count > 0 and had_winners.any():
-                # A random sample of `new_synapses` winners of t-1 per stream, highest score first.
-                for b in range(b_len):
-                    candidates = np.flatnonzero((winners[b] > 0) & (noise[t, 1, b] > 0))
-                    order = candidates[np.argsort(-noise[t, 1, b, candidates], kind="mergesort")]
-                    for j in range(new_synapses):
-                        sample_valid[b, j] = j < order.size
-                        sample[b, j] = order[j] if j < order.size else 0
-                fits = grow(rows, row_missing, count, sample, sample_valid, perm, presyn, initial, index)
-            for i in range(count):
-                last_learned[rows[i, 1]] = counters[0]
-            if not fits:  # a cell's list in the reverse index was full: rebuild it with more room
-                slack *= 2
-                index = reverse_index(perm, presyn, last_learned, n_len, slack)
-
-        # Decoder: normalized delta rule on the prediction made at t-1 (learn_decoder), on the
-        # predicted columns' weights only.
-        for b in range(b_len):
-            if diverted[b] > 0:
-                continue  # a known context's prediction teaches the decoder nothing (learning.py)
-            total = np.float32(0.0)
-            for c in range(c_len):
-                total += predicted_columns[b, c]
-            rate = np.float32(decoder_rate) / (total + np.float32(1.0))
+@numba.njit(cache=True)
+def learn_decoder(cfg, state, decoder, step, x, errors):
+    """`PredictiveHebbian.learn_decoder`: the normalized delta rule on the prediction made at
+    t-1, on the predicted columns' weights (not in a known context), then, at
+    `decoder_code_rate`, on the current input x (B, D) from the active columns."""
+    predicted_columns, prediction, rows, bias = state.predicted_columns, state.prediction, decoder.rows, decoder.bias
+    scaled, code = errors.scaled, errors.code
+    b_len, d_len = x.shape
+    for b in range(b_len):
+        if state.diverted[b] > 0:
+            continue  # a known context's prediction teaches the decoder nothing (learning.py)
+        total = np.float32(0.0)
+        for c in range(predicted_columns.shape[1]):
+            total += predicted_columns[b, c]
+        rate = cfg.decoder_rate / (total + np.float32(1.0))
+        for d in range(d_len):
+            scaled[d] = (x[b, d] - prediction[b, d]) * rate / np.float32(b_len)
+        if cfg.decoder_bias:
             for d in range(d_len):
-                scaled[d] = (x[b, t, d] - prediction[b, d]) * rate / np.float32(b_len)
-            if decoder_bias:
-                for d in range(d_len):
-                    dec_b[d] += scaled[d]
-            add_delta(predicted_columns[b], scaled, dec_wt)
-
-        # ... and the current input from the active columns (decoder_code_rate), every stream's
-        # error taken before any stream's update, as the batched rule does.
-        if code_rate > 0:
-            rate = code_rate / np.float32(k_select + 1)
-            for b in range(b_len):
-                decode(active_cols[b], dec_b, dec_wt, code_error[b])
-                for d in range(d_len):
-                    code_error[b, d] = (x[b, t, d] - code_error[b, d]) * rate / np.float32(b_len)
-            for b in range(b_len):
-                add_delta(active_cols[b], code_error[b], dec_wt)
-
-        # Prediction of t+1 from the cells of t (TemporalMemory.predict), into the state.
+                bias[d] += scaled[d]
+        add_delta(predicted_columns[b], scaled, rows)
+    if cfg.decoder_code_rate > 0:
+        # Every stream's error is taken before any stream's update, as the batched rule does.
+        rate = cfg.decoder_code_rate / np.float32(cfg.k_select + 1)
         for b in range(b_len):
-            for n in range(n_len):
-                winners[b, n] = 1.0 if new_winners[b, n] else 0.0
-                cells[b, n] = new_cells[b, n]
-                cells_out[b, t, n] = new_cells[b, n]
-            for c in range(c_len):
-                columns[b, c] = 1.0 if active_cols[b, c] else 0.0
-            known[b] = False  # carried on as in TemporalMemory.predict ...
-            through_burst = False  # ... or through a burst alone
-            for c in range(c_len):
-                known[b] |= matched[b, c] or (diverted[b] > 0 and novel[b, c] and not bursting[b, c])
-                through_burst |= bursting[b, c] and matching_columns[b, c] > 0 and diverted[b] == 1
-            through_burst &= not known[b]
-            known[b] |= through_burst
-            overlaps(cells[b], perm, index, conn, conn_buf, pot_buf)
-            matching_columns[b] = 0.0
-            for n in range(n_len):
-                top = np.float32(0.0)
-                once[n] = False
-                for s in range(s_len):
-                    active_overlap[b, n, s] = conn_buf[n * s_len + s]
-                    potential_overlap[b, n, s] = pot_buf[n * s_len + s]
-                    top = max(top, conn_buf[n * s_len + s])
-                    if pot_buf[n * s_len + s] >= match_thr:
-                        matching_columns[b, n // m] = 1.0
-                        once[n] |= fresh_steps > 0 and last_learned[n * s_len + s] >= counters[0] - fresh_steps
-                predicted[b, n] = 1.0 if top >= act_thr else 0.0
-                once[n] &= predicted[b, n] == 0
-                context_predicted[b, n] = predicted[b, n]
-                predicted_out[b, t, n] = predicted[b, n]
-            recalled = False
-            if known[b]:
-                overlaps(winners[b], perm, index, conn, conn_buf, pot_buf)
-                for n in range(n_len):
-                    top = np.float32(0.0)
-                    top_potential = np.float32(0.0)
-                    for s in range(s_len):
-                        potential_overlap[b, n, s] = pot_buf[n * s_len + s]
-                        top = max(top, conn_buf[n * s_len + s])
-                        top_potential = max(top_potential, pot_buf[n * s_len + s])
-                    context_predicted[b, n] = 1.0 if top >= act_thr else 0.0
-                    recall[n] = top >= act_thr or top_potential >= match_thr
-                    recalled |= recall[n] and recall_on
-                if recall_on and not recalled:  # new winners: the fired cells' links seen once (seen_once)
-                    for n in range(n_len):
-                        recall[n] = once[n]
-                        recalled |= once[n]
-            diverted[b] = 2.0 if through_burst else 1.0 if known[b] else 0.0
-            for c in range(c_len):  # a known context's recall stands in for the burst's union
-                top = np.float32(0.0)
-                for i in range(m):
-                    top = max(top, np.float32(recall[c * m + i]) if recalled else predicted[b, c * m + i])
-                predicted_columns[b, c] = top
-            decode(predicted_columns[b], dec_b, dec_wt, prediction[b])
-            prediction_out[b, t] = prediction[b]
-            anomaly[b] = anomaly_out[b, t]
+            decode(step.columns[b], bias, rows, code[b])
+            for d in range(d_len):
+                code[b, d] = (x[b, d] - code[b, d]) * rate / np.float32(b_len)
+        for b in range(b_len):
+            add_delta(step.columns[b], code[b], rows)
+
+
+@numba.njit(cache=True)
+def add_delta(columns, scaled, rows):
+    """The weight step of `PredictiveHebbian.delta_rule` for one stream: each active column's
+    decoder row (`rows`, C x D) moves by the scaled error (D,) times its activity (C,)."""
+    for c in np.flatnonzero(columns):
+        for d in range(scaled.shape[0]):
+            rows[c, d] += scaled[d] * np.float32(columns[c])
+
+
+@numba.njit(cache=True)
+def decode(columns, bias, rows, out):
+    """`TemporalMemory.decode` of one stream's column activity (C,) into `out` (D,): the bias
+    plus each active column's row (`rows`, C x D) times its activity."""
+    out[:] = bias
+    for c in np.flatnonzero(columns):
+        for d in range(out.shape[0]):
+            out[d] += np.float32(columns[c]) * rows[c, d]
+
+
+@numba.njit(cache=True)
+def predict(cfg, state, segments, decoder, step, index, overlaps):
+    """`TemporalMemory.predict`: the step becomes the state; the cells predicted for t+1 from
+    the cells of t, a known context's recall, and their decoding."""
+    predicted, predicted_columns, recall_cells = state.predicted, state.predicted_columns, overlaps.recall
+    m = cfg.cells_per_column
+    for b in range(step.cells.shape[0]):
+        known, through_burst = carried_on(state, step, b)
+        state.winners[b] = step.winners[b]
+        state.cells[b] = step.cells[b]
+        state.columns[b] = step.columns[b]
+        predict_cells(cfg, state, segments, b, index, overlaps)
+        recalled = recall(cfg, state, segments, b, index, overlaps) if known else False
+        state.diverted[b] = 2.0 if through_burst else 1.0 if known else 0.0
+        for c in range(predicted_columns.shape[1]):  # a known context's recall stands in for the burst's union
+            top = np.float32(0.0)
+            for n in range(c * m, (c + 1) * m):
+                top = max(top, np.float32(recall_cells[n]) if recalled else predicted[b, n])
+            predicted_columns[b, c] = top
+        decode(predicted_columns[b], decoder.bias, decoder.rows, state.prediction[b])
+        state.anomaly[b] = step.anomaly[b]
+
+
+@numba.njit(cache=True)
+def carried_on(state, step, b):
+    """`TemporalMemory.predict`'s `known` and `through_burst` for stream b: does its context go
+    on as a known one (a matched winner, a novel column that fired in a known context), or
+    through a burst of a column whose segment matched the cells of t-1?"""
+    matched, novel, bursting, matching = step.matched, step.novel, step.bursting, state.matching_columns
+    known, through_burst = False, False
+    diverted = state.diverted[b]
+    for c in range(matched.shape[1]):
+        known |= matched[b, c] or (diverted > 0 and novel[b, c] and not bursting[b, c])
+        through_burst |= bursting[b, c] and matching[b, c] > 0 and diverted == 1
+    through_burst &= not known
+    return known or through_burst, through_burst
+
+
+@numba.njit(cache=True)
+def predict_cells(cfg, state, segments, b, index, overlaps):
+    """`TemporalMemory.predict`'s first half for stream b: the segments' overlaps with the
+    cells of t, the predicted cells (also the context's, unless a known context's winners
+    replace them), the columns with a matching segment, and the cells not predicted that
+    a fresh link matches (`seen_once`)."""
+    active, potential, matching = state.active_overlap, state.potential_overlap, state.matching_columns
+    predicted, context, once = state.predicted, state.context_predicted, overlaps.once
+    connected_g, potential_g, last_learned = overlaps.connected, overlaps.potential, segments.last_learned
+    s_len, m, now = cfg.segments, cfg.cells_per_column, segments.learning_steps[0]
+    segment_overlaps(state.cells[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g)
+    matching[b] = 0.0
+    for n in range(predicted.shape[1]):
+        top = np.float32(0.0)
+        once[n] = False
+        for s in range(s_len):
+            g = n * s_len + s
+            active[b, n, s] = connected_g[g]
+            potential[b, n, s] = potential_g[g]
+            top = max(top, connected_g[g])
+            if potential_g[g] >= cfg.matching_threshold:
+                matching[b, n // m] = 1.0
+                once[n] |= seen_once(cfg, last_learned, now, g)
+        predicted[b, n] = 1.0 if top >= cfg.activation_threshold else 0.0
+        context[b, n] = predicted[b, n]
+        once[n] &= predicted[b, n] == 0
+
+
+@numba.njit(cache=True)
+def seen_once(cfg, last_learned, now, segment):
+    """`TemporalMemory.seen_once` for a segment that matches the cells of t: was it learned
+    within `fresh_steps` steps of step `now`?"""
+    return cfg.fresh_steps > 0 and last_learned[segment] >= now - cfg.fresh_steps
+
+
+@numba.njit(cache=True)
+def recall(cfg, state, segments, b, index, overlaps):
+    """`TemporalMemory.predict` in a known context, stream b: what its winners predict (the
+    context's cells) and match (the overlap learning reads), and with `recall` the cells they
+    recall into `overlaps.recall`, else the fired cells' links seen once. True when it recalls."""
+    potential, context, recall_cells, once = (state.potential_overlap, state.context_predicted, overlaps.recall,
+                                              overlaps.once)
+    connected_g, potential_g = overlaps.connected, overlaps.potential
+    s_len = cfg.segments
+    segment_overlaps(state.winners[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g)
+    recalled = False
+    for n in range(context.shape[1]):
+        top, top_potential = np.float32(0.0), np.float32(0.0)
+        for s in range(s_len):
+            potential[b, n, s] = potential_g[n * s_len + s]
+            top = max(top, connected_g[n * s_len + s])
+            top_potential = max(top_potential, potential_g[n * s_len + s])
+        context[b, n] = 1.0 if top >= cfg.activation_threshold else 0.0
+        recall_cells[n] = top >= cfg.activation_threshold or top_potential >= cfg.matching_threshold
+        recalled |= recall_cells[n] and cfg.recall
+    if cfg.recall and not recalled:  # new winners: the fired cells' links seen once
+        recall_cells[:] = once
+        recalled = once.any()
+    return recalled
+
+
+@numba.njit(cache=True)
+def reverse_index(segments, n_len, slack):
+    """The `Index` of the potential synapses onto `n_len` cells, with `slack` free places per
+    cell for synapses grown later: an overlap then visits the synapses of the active cells
+    alone. A synapse re-targeted to another cell leaves a stale entry behind, never a second
+    count."""
+    perm, presyn, last_learned = segments.permanence, segments.presynaptic, segments.last_learned
+    g_len, f_len = perm.shape
+    count = np.zeros(n_len, dtype=np.int64)
+    for g in range(g_len):
+        if last_learned[g] >= 0:  # never grown: every permanence is 0
+            for f in range(f_len):
+                if perm[g, f] > 0:
+                    count[presyn[g, f]] += 1
+    start = np.zeros(n_len + 1, dtype=np.int64)
+    for n in range(n_len):
+        start[n + 1] = start[n] + count[n] + slack
+    index = Index(start, np.zeros(n_len, dtype=np.int64), np.empty(start[n_len], dtype=np.int64),
+                  np.full(g_len * f_len, -1, dtype=np.int64))
+    for g in range(g_len):
+        if last_learned[g] >= 0:
+            for f in range(f_len):
+                if perm[g, f] > 0:
+                    index_synapse(index, g * f_len + f, presyn[g, f])
+    return index
+
+
+@numba.njit(cache=True)
+def segment_overlaps(activity, perm, index, connected_permanence, connected, potential):
+    """`DistalSegments.overlaps` with a 0/1 activity (N,): each segment's connected and
+    potential synapses onto active cells, into `connected` and `potential` (G,)."""
+    start, fill, entries, position = index
+    f_len = perm.shape[1]
+    connected[:] = 0.0
+    potential[:] = 0.0
+    for cell in np.flatnonzero(activity > 0):
+        for place in range(start[cell], start[cell] + fill[cell]):
+            synapse = entries[place]
+            if position[synapse] != place:
+                continue
+            g = synapse // f_len
+            w = perm[g, synapse - g * f_len]
+            if w > 0:
+                potential[g] += 1
+                if w >= connected_permanence:
+                    connected[g] += 1
