@@ -44,8 +44,10 @@ def boost_factors(duty_cycle: torch.Tensor, density: float, strength: torch.Tens
 
 
 def kwinners_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
-    """Boolean mask of the `k` largest entries along `dim`: exactly k, even among ties."""
-    idx = scores.topk(k, dim=dim, sorted=False).indices
+    """Boolean mask of the `k` largest entries along `dim`: exactly k; of entries equal to the
+    k-th largest, the first ones (topk picks any of them, and not the same on every device,
+    while the compiled local step, predictive.fused, takes the first)."""
+    idx = scores.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(dim, idx, True)
 
 

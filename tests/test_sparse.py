@@ -12,6 +12,17 @@ def test_exactly_k_winners_per_sample_even_with_ties():
     assert ((kwinners(torch.randn(5, 20), 4) != 0).sum(1) == 4).all()
 
 
+def test_ties_at_the_kth_score_go_to_the_first_units():
+    # What the compiled local step (predictive.fused) does: topk alone picks any of the tied.
+    x = torch.tensor([[0.0, 2.0, 1.0, 1.0, 3.0, 1.0, 1.0, 0.5]] * 2)
+    x[1] = x[1].flip(0)
+    mask = kwinners(x, 4) != 0
+    assert mask[0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert mask[1].nonzero().flatten().tolist() == [1, 2, 3, 6]
+    per_location = KWinnersLocal(8, 4, boost_strength=0.0)(x.t().unsqueeze(0)) != 0  # (1, C=8, L=2)
+    assert per_location[0, :, 0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+
+
 def test_k_as_fraction_and_inference_factor():
     kw = KWinners(100, 0.1, k_inference_factor=1.5)
     assert kw.k == 10 and kw.k_inference == 15
