@@ -79,16 +79,21 @@ class PredictiveHebbian:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0.0 < self.initial_permanence <= 1.0:
             raise ValueError(f"initial_permanence must be in (0, 1], got {self.initial_permanence}")
-        if self.new_synapses < 1:
-            raise ValueError(f"new_synapses must be >= 1, got {self.new_synapses}")
+        if isinstance(self.new_synapses, bool) or not isinstance(self.new_synapses, int) or self.new_synapses < 1:
+            raise ValueError(f"new_synapses must be an integer >= 1, got {self.new_synapses!r}")
         grace = self.connected_grace
         if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
             raise ValueError(f"connected_grace must be an integer >= 0, got {self.connected_grace!r}")
         check_flags(grow_predicted=self.grow_predicted, decoder_bias=self.decoder_bias)
 
     def check(self, layer: TemporalMemory) -> None:
+        """Raise ValueError if the rule cannot train `layer`: a segment grows at most
+        `new_synapses` synapses, onto distinct cells. Cheap: run at every learning step."""
         if self.new_synapses > layer.segments.synapses:
             raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's synapses={layer.segments.synapses}")
+        if self.new_synapses > layer.output_size:
+            raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's cells={layer.output_size} "
+                             "(columns x cells)")
 
     @torch.no_grad()
     def __call__(self, layer: TemporalMemory, step: LayerStep) -> None:
@@ -99,6 +104,7 @@ class PredictiveHebbian:
             self.learn_feedforward(layer, step)
 
     def learn_segments(self, layer: TemporalMemory, step: LayerStep) -> None:
+        self.check(layer)
         seg, prev = layer.segments, step.prev
         b, c, m, s = step.x.shape[0], layer.columns, layer.cells_per_column, seg.num_segments
         prev_active = (prev["cells"] > 0) | (prev["winners"] > 0)  # (B, N): fired or won at t-1

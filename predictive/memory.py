@@ -125,8 +125,8 @@ class TemporalMemory(nn.Module):
         self.input_size, self.columns, self.cells_per_column = input_size, columns, cells
         self.k = resolve_count(active_columns, columns, "active_columns")
         for name, value in (("activation_threshold", activation_threshold), ("matching_threshold", matching_threshold)):
-            if not 1 <= value <= synapses:
-                raise ValueError(f"{name}={value} must be between 1 and synapses={synapses}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= synapses:
+                raise ValueError(f"{name}={value!r} must be an integer between 1 and synapses={synapses}")
         if sharpness <= 0:
             raise ValueError(f"sharpness must be > 0, got {sharpness}")
         self.activation_threshold = activation_threshold

@@ -183,6 +183,7 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(feedforward_sparsity=1.0), "sparsity"),
         (dict(activation_threshold=9), "activation_threshold"),
         (dict(matching_threshold=0), "matching_threshold"),
+        (dict(activation_threshold=4.5), "activation_threshold=4.5 must be an integer"),
         (dict(soft_kwta=-1.0), "soft_kwta"),
         (dict(recall="no"), "recall must be true or false, got 'no'"),
         (dict(first_order_fallback=1), "first_order_fallback must be true or false"),
@@ -226,6 +227,12 @@ def test_bad_learning_settings_are_rejected():
         build("hybrid", fused=True)
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
+    with pytest.raises(ValueError, match=r"new_synapses=6 exceeds the layer's cells=4 \(columns x cells\)"):
+        build("local", new_synapses=6).check(PredictiveStack(48, 1, **{**SMALL, "columns": 2, "cells": 2,
+                                                                      "active_columns": 1}))
+    for count in (2.5, True):
+        with pytest.raises(ValueError, match="new_synapses must be an integer >= 1"):
+            build("local", new_synapses=count)
     for grace in (-1, 2.5, True):
         with pytest.raises(ValueError, match="connected_grace must be an integer >= 0"):
             build("local", connected_grace=grace)
