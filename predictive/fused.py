@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
+from numba import literal_unroll
 
 from predictive.memory import TemporalMemory
 
@@ -294,18 +295,12 @@ def chunk(cfg, inputs, state, layer, work, out):
 @numba.njit(cache=True)
 def reset_stream(state, b):
     """`TemporalMemory.forward`'s reset: stream b's state is cleared first."""
-    state.cells[b] = 0.0
-    state.winners[b] = 0.0
-    state.columns[b] = 0.0
-    state.predicted[b] = 0.0
-    state.active_overlap[b] = 0.0
-    state.potential_overlap[b] = 0.0
-    state.context_predicted[b] = 0.0
-    state.diverted[b] = 0.0
-    state.matching_columns[b] = 0.0
-    state.predicted_columns[b] = 0.0
-    state.prediction[b] = 0.0
-    state.anomaly[b] = 0.0
+    for value in literal_unroll((  # literal_unroll must be called by this name
+        state.cells, state.winners, state.columns, state.predicted, state.active_overlap, state.potential_overlap,
+        state.context_predicted, state.diverted, state.matching_columns, state.predicted_columns, state.prediction,
+        state.anomaly,
+    )):
+        value[b] = 0.0
 
 
 @numba.njit(cache=True)
