@@ -284,12 +284,13 @@ def chunk(cfg, inputs, state, layer, work, out):
         kwinners(cfg, inputs.scores[:, t], boosting, step.columns, work.ranking)
         activate(cfg, state, step)
         choose_winners(cfg, state, step, inputs.noise[t, 0], learning.used)
-        if not learn(cfg, state, segments, decoder, step, inputs.x[:, t], inputs.noise[t, 1], index, learning,
-                     work.errors):
+        # PredictiveHebbian.__call__: the segments, then the decoder.
+        segments.learning_steps[0] += 1
+        if not learn_segments(cfg, state, segments, step, inputs.noise[t, 1], index, learning):
             slack *= 2  # a cell's list in the reverse index was full: rebuild it with more room
             index = reverse_index(segments, n_len, slack)
-        predict(cfg, state, segments, decoder, step, index, overlaps)
-        record(state, out, t)
+        learn_decoder(cfg, state, decoder, step, inputs.x[:, t], work.errors)
+        predict(cfg, state, segments, decoder, step, index, overlaps, out, t)
 
 
 @numba.njit(cache=True)
@@ -301,16 +302,6 @@ def reset_stream(state, b):
         state.anomaly,
     )):
         value[b] = 0.0
-
-
-@numba.njit(cache=True)
-def record(state, out, t):
-    """The step's entries of what `run_layer` returns, from the new state."""
-    for b in range(out.cells.shape[0]):
-        out.cells[b, t] = state.cells[b]
-        out.predicted[b, t] = state.predicted[b]
-        out.prediction[b, t] = state.prediction[b]
-        out.anomaly[b, t] = state.anomaly[b]
 
 
 @numba.njit(cache=True)
@@ -472,16 +463,6 @@ def least_used(used, noise, first, end):
 
 
 @numba.njit(cache=True)
-def learn(cfg, state, segments, decoder, step, x, noise, index, learning, errors):
-    """`PredictiveHebbian.__call__`: the segments, then the decoder, from what the layer saw at
-    t-1 (`state`) and t (`step`, input x (B, D)). False when the reverse index ran full."""
-    segments.learning_steps[0] += 1
-    fits = learn_segments(cfg, state, segments, step, noise, index, learning)
-    learn_decoder(cfg, state, decoder, step, x, errors)
-    return fits
-
-
-@numba.njit(cache=True)
 def learn_segments(cfg, state, segments, step, noise, index, learning):
     """`PredictiveHebbian.learn_segments`: segments that predicted a winner are reinforced,
     those that predicted a column that stayed inactive weakened; a novel column's matched
@@ -491,7 +472,7 @@ def learn_segments(cfg, state, segments, step, noise, index, learning):
         return True  # first step after a reset: no context to learn from
     perm, presyn, last_learned = segments.permanence, segments.presynaptic, segments.last_learned
     rows, active_delta, inactive_delta = learning.rows, learning.active_delta, learning.inactive_delta
-    best_segments(state, learning)
+    best_segments(state.potential_overlap, state.winners, learning.best_segment, learning.had_winners)
     reinforced = reinforced_rows(cfg, state, step, learning)
     adapt(rows, active_delta, inactive_delta, reinforced, perm, presyn, step.prev_active)
     wrong = wrong_rows(cfg, state, step, learning, reinforced)
@@ -514,11 +495,9 @@ def learn_segments(cfg, state, segments, step, noise, index, learning):
 
 
 @numba.njit(cache=True)
-def best_segments(state, learning):
+def best_segments(potential, winners, best_segment, had_winners):
     """`PredictiveHebbian.learn_segments`' `best`: each cell's segment with the most potential
-    synapses on the cells of t-1 (the first of equals); and which streams had winners."""
-    potential, winners = state.potential_overlap, state.winners
-    best_segment, had_winners = learning.best_segment, learning.had_winners
+    synapses (B, N, S) on the cells of t-1 (the first of equals); and which streams had winners."""
     b_len, n_len, s_len = potential.shape
     for b in range(b_len):
         had_winners[b] = False
@@ -763,17 +742,20 @@ def decode(columns, bias, rows, out):
 
 
 @numba.njit(cache=True)
-def predict(cfg, state, segments, decoder, step, index, overlaps):
+def predict(cfg, state, segments, decoder, step, index, overlaps, out, t):
     """`TemporalMemory.predict`: the step becomes the state; the cells predicted for t+1 from
-    the cells of t, a known context's recall, and their decoding."""
+    the cells of t, a known context's recall, and their decoding; into the state and into
+    step t of the chunk's outputs `out`."""
     predicted, predicted_columns, recall_cells = state.predicted, state.predicted_columns, overlaps.recall
     m = cfg.cells_per_column
     for b in range(step.cells.shape[0]):
-        known, through_burst = carried_on(state, step, b)
-        state.winners[b] = step.winners[b]
-        state.cells[b] = step.cells[b]
+        known, through_burst = carried_on(step.matched[b], step.novel[b], step.bursting[b],
+                                          state.matching_columns[b], state.diverted[b])
+        for n in range(step.cells.shape[1]):
+            state.winners[b, n] = step.winners[b, n]
+            state.cells[b, n] = out.cells[b, t, n] = step.cells[b, n]
         state.columns[b] = step.columns[b]
-        predict_cells(cfg, state, segments, b, index, overlaps)
+        predict_cells(cfg, state, segments, b, index, overlaps, out.predicted[b, t])
         recalled = recall(cfg, state, segments, b, index, overlaps) if known else False
         state.diverted[b] = 2.0 if through_burst else 1.0 if known else 0.0
         for c in range(predicted_columns.shape[1]):  # a known context's recall stands in for the burst's union
@@ -782,30 +764,29 @@ def predict(cfg, state, segments, decoder, step, index, overlaps):
                 top = max(top, np.float32(recall_cells[n]) if recalled else predicted[b, n])
             predicted_columns[b, c] = top
         decode(predicted_columns[b], decoder.bias, decoder.rows, state.prediction[b])
-        state.anomaly[b] = step.anomaly[b]
+        out.prediction[b, t] = state.prediction[b]
+        state.anomaly[b] = out.anomaly[b, t] = step.anomaly[b]
 
 
 @numba.njit(cache=True)
-def carried_on(state, step, b):
-    """`TemporalMemory.predict`'s `known` and `through_burst` for stream b: does its context go
-    on as a known one (a matched winner, a novel column that fired in a known context), or
-    through a burst of a column whose segment matched the cells of t-1?"""
-    matched, novel, bursting, matching = step.matched, step.novel, step.bursting, state.matching_columns
+def carried_on(matched, novel, bursting, matching_columns, diverted):
+    """`TemporalMemory.predict`'s `known` and `through_burst` for one stream (C,): does its
+    context go on as a known one (a matched winner, a novel column that fired in a known
+    context), or through a burst of a column whose segment matched the cells of t-1?"""
     known, through_burst = False, False
-    diverted = state.diverted[b]
-    for c in range(matched.shape[1]):
-        known |= matched[b, c] or (diverted > 0 and novel[b, c] and not bursting[b, c])
-        through_burst |= bursting[b, c] and matching[b, c] > 0 and diverted == 1
+    for c in range(matched.shape[0]):
+        known |= matched[c] or (diverted > 0 and novel[c] and not bursting[c])
+        through_burst |= bursting[c] and matching_columns[c] > 0 and diverted == 1
     through_burst &= not known
     return known or through_burst, through_burst
 
 
 @numba.njit(cache=True)
-def predict_cells(cfg, state, segments, b, index, overlaps):
+def predict_cells(cfg, state, segments, b, index, overlaps, predicted_out):
     """`TemporalMemory.predict`'s first half for stream b: the segments' overlaps with the
     cells of t, the predicted cells (also the context's, unless a known context's winners
-    replace them), the columns with a matching segment, and the cells not predicted that
-    a fresh link matches (`seen_once`)."""
+    replace them; and into `predicted_out`), the columns with a matching segment, and the
+    cells not predicted that a fresh link matches (`seen_once`)."""
     active, potential, matching = state.active_overlap, state.potential_overlap, state.matching_columns
     predicted, context, once = state.predicted, state.context_predicted, overlaps.once
     connected_g, potential_g, last_learned = overlaps.connected, overlaps.potential, segments.last_learned
@@ -823,8 +804,7 @@ def predict_cells(cfg, state, segments, b, index, overlaps):
             if potential_g[g] >= cfg.matching_threshold:
                 matching[b, n // m] = 1.0
                 once[n] |= seen_once(cfg, last_learned, now, g)
-        predicted[b, n] = 1.0 if top >= cfg.activation_threshold else 0.0
-        context[b, n] = predicted[b, n]
+        predicted[b, n] = context[b, n] = predicted_out[n] = 1.0 if top >= cfg.activation_threshold else 0.0
         once[n] &= predicted[b, n] == 0
 
 
