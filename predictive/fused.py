@@ -1,11 +1,11 @@
 """Local learning of a temporal-memory layer, compiled: a whole chunk in one loop.
 
 On a CPU with one or a few streams, a step of `TemporalMemory` under the `PredictiveHebbian`
-rule is some 850 small torch ops whose dispatch, not their arithmetic, is the cost (about
-1,150 us per step on the high-order task). `run_layer` runs the very same steps (activation,
-learning rule, prediction) for all T steps of a chunk in one numba-compiled loop, on the
-layer's own tensors (shared memory, no copies). In local mode a layer sees nothing of the
-layers above it, so a stack runs layer by layer, each over the whole chunk.
+rule is several hundred small torch ops whose dispatch, not their arithmetic, is the cost.
+`run_layer` runs the very same steps (activation, learning rule, prediction) for all T steps
+of a chunk in one numba-compiled loop, on the layer's own tensors (shared memory, no copies).
+In local mode a layer sees nothing of the layers above it, so a stack runs layer by layer,
+each over the whole chunk.
 
 Each compiled function mirrors one torch method and names it in its docstring: a change to
 one is a change to its twin. Given the same random numbers (`TemporalMemory.choose_winners`'
