@@ -251,6 +251,7 @@ torch.save(runs, sys.argv[1])
 """
 
 
+@pytest.mark.slow  # compiles the kernel afresh
 def test_the_kernel_stays_in_bounds(tmp_path):
     """The random cases through the compiled path again, in a process whose compiled functions
     check every index (numba reads NUMBA_BOUNDSCHECK when it compiles, and an empty cache
