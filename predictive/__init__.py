@@ -10,7 +10,7 @@ from predictive.baselines import ConvNet, LSTMModel
 from predictive.dendrites import DendriticSegments, DistalSegments
 from predictive.learning import Backprop, Frozen, Hybrid, LearningRule, Local, PredictiveHebbian
 from predictive.learning import build as build_rule
-from predictive.memory import LayerStep, TemporalMemory
+from predictive.memory import LayerState, LayerStep, TemporalMemory
 from predictive.sparse import KWinners, SparseLinear, kwinners
 from predictive.stack import PredictiveStack, StackOutput, StepOutput
 
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backprop", "ConvNet", "DendriticSegments", "DistalSegments", "Frozen", "Hybrid", "KWinners", "LSTMModel",
-    "LayerStep", "LearningRule", "Local", "PredictiveHebbian", "PredictiveStack", "SparseLinear", "StackOutput",
-    "StepOutput", "TemporalMemory", "build_rule", "kwinners",
+    "LayerState", "LayerStep", "LearningRule", "Local", "PredictiveHebbian", "PredictiveStack", "SparseLinear",
+    "StackOutput", "StepOutput", "TemporalMemory", "build_rule", "kwinners",
 ]

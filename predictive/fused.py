@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numba import literal_unroll
 
-from predictive.memory import TemporalMemory
+from predictive.memory import LayerState, TemporalMemory
 
 INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk (doubled when full)
 
@@ -68,7 +68,7 @@ class Chunk(NamedTuple):
 
 
 class State(NamedTuple):
-    """`TemporalMemory.initial_state`, one (B, ...) float32 array per entry, updated in place."""
+    """`memory.LayerState` as (B, ...) float32 arrays (the same fields, in order), updated in place."""
 
     cells: np.ndarray
     winners: np.ndarray
@@ -243,7 +243,7 @@ def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
 
 
 @torch.no_grad()
-def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, reset: torch.Tensor | None):
+def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState, reset: torch.Tensor | None):
     """T steps of `layer` learning by `hebbian` (a `PredictiveHebbian`).
 
     x: (B, T, D); state: the layer's state (not modified); reset: (B, T) bool or None.
@@ -255,14 +255,14 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: dict, rese
     x = x.detach().contiguous()
     scores = layer.feedforward(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
     noise = torch.rand(t_len, 2, b, n)  # per step: winners' tie-break, then the growth sample
-    state = {name: value.detach().clone().contiguous() for name, value in state.items()}
+    state = LayerState(*(value.detach().clone().contiguous() for value in state))
     outputs = [torch.zeros(b, t_len, n), torch.zeros(b, t_len, n), torch.zeros(b, t_len, layer.input_size),
                torch.zeros(b, t_len)]
     reset = torch.zeros(b, t_len, dtype=torch.bool) if reset is None else reset.contiguous()
     cfg = settings(layer, hebbian)
     chunk(
         cfg, Chunk(scores.numpy(), x.numpy(), reset.numpy(), noise.numpy()),
-        State(*(state[name].numpy() for name in State._fields)), tensors(layer),
+        State(*(value.numpy() for value in state)), tensors(layer),
         buffers(cfg, b, c, n, layer.input_size), Outputs(*(o.numpy() for o in outputs)),
     )
     layer.segments.synapse_masks_changed()  # written through numpy: the permanence version did not move

@@ -107,19 +107,19 @@ class PredictiveHebbian:
         self.check(layer)
         seg, prev = layer.segments, step.prev
         b, c, m, s = step.x.shape[0], layer.columns, layer.cells_per_column, seg.num_segments
-        prev_active = (prev["cells"] > 0) | (prev["winners"] > 0)  # (B, N): fired or won at t-1
-        prev_winners = prev["winners"] > 0
+        prev_active = (prev.cells > 0) | (prev.winners > 0)  # (B, N): fired or won at t-1
+        prev_winners = prev.winners > 0
         # Drawn at every step, used or not, so that the random stream does not depend on what
         # was learned (predictive.fused draws a chunk's numbers at once).
         sample_noise = torch.rand(prev_winners.shape, device=prev_winners.device)
         if not prev_active.any():
             return  # first step after a reset: no context to learn from
-        potential = prev["potential_overlap"]  # (B, N, S)
+        potential = prev.potential_overlap  # (B, N, S)
         version = seg.permanence._version
 
         # Segments that predicted a winner of a column that is now active (and not novel).
         predicted_cell = (step.winners.view(b, c, m) & ~step.novel.unsqueeze(-1)).view(b, -1, 1)
-        learning = (prev["active_overlap"] >= layer.activation_threshold) & predicted_cell
+        learning = (prev.active_overlap >= layer.activation_threshold) & predicted_cell
         # Novel columns: the winner's best matching segment learns, or a new one starts.
         winner = (step.winners.view(b, c, m) & step.novel.unsqueeze(-1)).view(b, -1)
         matched_cell = winner & step.matched.repeat_interleave(m, dim=1)
@@ -129,15 +129,15 @@ class PredictiveHebbian:
 
         # Wrong predictions: segments that predicted a cell of a column that stayed inactive.
         inactive_cells = (~step.columns).repeat_interleave(m, dim=1).unsqueeze(-1)
-        wrong = (prev["active_overlap"] >= layer.activation_threshold) & inactive_cells
+        wrong = (prev.active_overlap >= layer.activation_threshold) & inactive_cells
         # In a known context the cells that fired beside what its winners predict belong to
         # other contexts (a burst's union): their failure says nothing against them.
-        own = torch.where((prev["diverted"] > 0).unsqueeze(-1), prev["context_predicted"] > 0, True)
+        own = torch.where((prev.diverted > 0).unsqueeze(-1), prev.context_predicted > 0, True)
         wrong = (wrong & own.unsqueeze(-1)).view(b, -1)
 
         learning = learning.view(b, -1)
         self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
-        decrement = torch.where(prev["anomaly"] > 0, self.burst_decrement, self.predicted_decrement)
+        decrement = torch.where(prev.anomaly > 0, self.burst_decrement, self.predicted_decrement)
         wrong_rows = self.adapt(seg, prev_active, wrong, -decrement, 0.0)
 
         new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
@@ -209,9 +209,9 @@ class PredictiveHebbian:
         # Not from a known context's prediction: it is other contexts' (a burst's union) or links
         # seen once, and what follows is this context's input; learning that pair teaches the
         # decoder that other contexts' columns mean this input (the same reason as `own` above).
-        settled = (prev["diverted"] == 0).to(step.x.dtype).unsqueeze(-1)
-        error = (step.x - prev["prediction"]) * settled  # zero error: no weight or bias moves
-        scaled = self.delta_rule(layer, prev["predicted_columns"], error, self.decoder_rate)
+        settled = (prev.diverted == 0).to(step.x.dtype).unsqueeze(-1)
+        error = (step.x - prev.prediction) * settled  # zero error: no weight or bias moves
+        scaled = self.delta_rule(layer, prev.predicted_columns, error, self.decoder_rate)
         if self.decoder_bias:
             layer.decoder.bias.data += scaled.sum(0)
         if self.decoder_code_rate > 0:  # the current input from the active columns

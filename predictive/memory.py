@@ -13,7 +13,7 @@ forward values are exactly the binary HTM activity.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,23 @@ from torch.nn.utils import parametrize
 from predictive.dendrites import DistalSegments, straight_through
 from predictive.sparse import KWinners, SparseLinear, check_flags, check_positive, resolve_count
 
-State = dict[str, torch.Tensor]
+
+class LayerState(NamedTuple):
+    """What a layer carries from step t to t+1, per stream (B, ...). A NamedTuple of tensors:
+    `_asdict()` gives a plain dict for checkpoints (they load with weights_only=True)."""
+
+    cells: torch.Tensor  # (B, N) activity at t
+    winners: torch.Tensor  # (B, N) cells that learned the context at t
+    columns: torch.Tensor  # (B, C) active columns at t
+    predicted: torch.Tensor  # (B, N) cells predicted for t+1
+    active_overlap: torch.Tensor  # (B, N, S) segment overlaps with `cells` (connected), for learning
+    potential_overlap: torch.Tensor  # (B, N, S) ... (potential)
+    context_predicted: torch.Tensor  # (B, N) cells the context alone predicts (see predict)
+    diverted: torch.Tensor  # (B,) 0: none; 1: this step's winners alone stand for its context; 2: ... after a burst
+    matching_columns: torch.Tensor  # (B, C) columns with a segment matching `cells`
+    predicted_columns: torch.Tensor  # (B, C) what the decoder decodes
+    prediction: torch.Tensor  # (B, D) decoded prediction of the coming input
+    anomaly: torch.Tensor  # (B,) share of the active columns at t that were not predicted
 
 
 def column_activity(cells: torch.Tensor, cells_per_column: int) -> torch.Tensor:
@@ -50,7 +66,7 @@ class LayerStep:
     """What one step of a layer produced, and what it saw (for learning rules)."""
 
     x: torch.Tensor  # (B, D) input at t
-    prev: State  # the layer's state at t-1
+    prev: LayerState  # the layer's state at t-1
     columns: torch.Tensor  # (B, C) bool, active columns
     bursting: torch.Tensor  # (B, C) bool, active columns with no predicted cell
     novel: torch.Tensor  # (B, C) bool, active columns that learn a new context (choose_winners)
@@ -172,31 +188,18 @@ class TemporalMemory(nn.Module):
         if self.initial_segments == "random":
             self.segments.randomize()
 
-    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        n, s = self.output_size, self.segments.num_segments
-        zeros = lambda *shape: torch.zeros(batch_size, *shape, device=device)  # noqa: E731
-        return {
-            "cells": zeros(n),
-            "winners": zeros(n),
-            "columns": zeros(self.columns),
-            "predicted": zeros(n),  # cells predicted for the coming step
-            "active_overlap": zeros(n, s),  # segment overlaps with "cells", for learning
-            "potential_overlap": zeros(n, s),
-            "context_predicted": zeros(n),  # cells the context alone predicts (see predict)
-            "diverted": zeros(),  # 1: this step's winners alone stand for its context, 2: ... after a burst (predict)
-            "matching_columns": zeros(self.columns),  # columns with a segment matching "cells"
-            "predicted_columns": zeros(self.columns),
-            "prediction": zeros(self.input_size),  # decoded prediction of the coming input
-            "anomaly": zeros(),
-        }
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> LayerState:
+        n, s, c = self.output_size, self.segments.num_segments, self.columns
+        shapes = ((n,), (n,), (c,), (n,), (n, s), (n, s), (n,), (), (c,), (c,), (self.input_size,), ())
+        return LayerState(*(torch.zeros(batch_size, *shape, device=device) for shape in shapes))
 
     def forward(
         self,
         x: torch.Tensor,
-        state: State,
+        state: LayerState,
         reset: torch.Tensor | None = None,
         learn: Callable[["TemporalMemory", LayerStep], None] | None = None,
-    ) -> tuple[LayerStep, State]:
+    ) -> tuple[LayerStep, LayerState]:
         """One time step.
 
         x: (B, D); state: from `initial_state` or the previous step; reset: (B,) bool, clears
@@ -207,24 +210,24 @@ class TemporalMemory(nn.Module):
             raise ValueError(f"input has shape {tuple(x.shape)}, expected (batch, input_size={self.input_size})")
         if reset is not None:
             keep = (~reset).to(x.dtype)
-            state = {name: value * keep.view(-1, *([1] * (value.dim() - 1))) for name, value in state.items()}
+            state = LayerState(*(value * keep.view(-1, *([1] * (value.dim() - 1))) for value in state))
         step = self.activate(x, state)
         if learn is not None:
             learn(self, step)
         return step, self.predict(step)
 
-    def activate(self, x: torch.Tensor, state: State) -> LayerStep:
+    def activate(self, x: torch.Tensor, state: LayerState) -> LayerStep:
         b, c, m = x.shape[0], self.columns, self.cells_per_column
         scores = self.feedforward(x)  # (B, C)
         columns = self.kwinners.winners(scores)
         column_gate = straight_through(columns.to(x.dtype), self.column_gradient(scores, columns))
-        predicted = state["predicted"].view(b, c, m)
+        predicted = state.predicted.view(b, c, m)
         # In a column that a known context predicts, only predicted cells that the context
         # predicts too fire, not those the rest of an earlier burst predicts (a column left
         # with none bursts): otherwise the next step predicts from every context the burst
         # held again, and the majority ending wins. Not known: context == predicted, no change.
-        context = state["context_predicted"].view(b, c, m)
-        narrow = (state["diverted"] > 0).view(b, 1, 1) & (context.amax(-1, keepdim=True) > 0) & self.recall
+        context = state.context_predicted.view(b, c, m)
+        narrow = (state.diverted > 0).view(b, 1, 1) & (context.amax(-1, keepdim=True) > 0) & self.recall
         predicted = torch.where(narrow, predicted * context, predicted)
         column_predicted = predicted.amax(-1)
         bursting = columns & (column_predicted.detach() == 0)
@@ -252,7 +255,7 @@ class TemporalMemory(nn.Module):
             scale = self.soft_kwta * scores.std(-1, keepdim=True).clamp(min=1e-6)
         return torch.sigmoid((scores - boundary) / scale)
 
-    def fallback(self, state: State, bursting: torch.Tensor) -> torch.Tensor:
+    def fallback(self, state: LayerState, bursting: torch.Tensor) -> torch.Tensor:
         """Cells of the bursting columns predicted by *any* cell of the previous step's columns.
 
         A specific context the layer has not learned yet (a symbol first seen after some noise
@@ -261,12 +264,12 @@ class TemporalMemory(nn.Module):
         of every sequence passing through this column. The column still counts as anomalous.
         """
         b, c, m = bursting.shape[0], self.columns, self.cells_per_column
-        context = state["columns"].repeat_interleave(m, dim=1)  # every cell of the last columns
+        context = state.columns.repeat_interleave(m, dim=1)  # every cell of the last columns
         predicted = self.soft_threshold(self.segments(context).amax(-1)).view(b, c, m)
         return predicted * bursting.unsqueeze(-1)
 
     @torch.no_grad()
-    def choose_winners(self, state: State, columns: torch.Tensor, cells: torch.Tensor):
+    def choose_winners(self, state: LayerState, columns: torch.Tensor, cells: torch.Tensor):
         """The cells that learn this context: in an active column, the cells the context
         predicted; in a *novel* column, one that the context did not predict, one winner: the
         cell with the best matching segment, else the least used cell (random tie-break), so
@@ -274,11 +277,11 @@ class TemporalMemory(nn.Module):
         predicted only through the cells that fired in a burst beside its winner (`predict`).
         Returns (winners (B, N), matched (B, C), novel (B, C))."""
         b, c, m = columns.shape[0], self.columns, self.cells_per_column
-        context = state["context_predicted"].view(b, c, m) > 0
+        context = state.context_predicted.view(b, c, m) > 0
         predicted = cells.view(b, c, m) & context & columns.unsqueeze(-1)
         novel = columns & ~predicted.any(-1)
 
-        best = state["potential_overlap"].amax(-1).view(b, c, m)
+        best = state.potential_overlap.amax(-1).view(b, c, m)
         best_value, best_cell = best.max(-1)
         matched = novel & (best_value >= self.matching_threshold)
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
@@ -288,7 +291,7 @@ class TemporalMemory(nn.Module):
         new_winner = F.one_hot(chosen, m).bool() & novel.unsqueeze(-1)
         return (predicted | new_winner).view(b, -1), matched, novel
 
-    def predict(self, step: LayerStep) -> State:
+    def predict(self, step: LayerStep) -> LayerState:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
         active, potential = self.segments.overlaps(step.cells)
         # After a column burst into a context it has seen (its winner matched), the winner
@@ -305,9 +308,9 @@ class TemporalMemory(nn.Module):
         # new cells); a burst that nothing matched (noise) ends it.
         predicted = self.soft_threshold(active.amax(-1))
         context = predicted.detach()
-        diverted = step.prev["diverted"] > 0
+        diverted = step.prev.diverted > 0
         carried = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
-        relearning = step.bursting & (step.prev["matching_columns"] > 0) & (step.prev["diverted"] == 1).unsqueeze(-1)
+        relearning = step.bursting & (step.prev.matching_columns > 0) & (step.prev.diverted == 1).unsqueeze(-1)
         through_burst = diverted & ~carried & relearning.any(-1)
         known = carried | through_burst
         matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
@@ -337,20 +340,20 @@ class TemporalMemory(nn.Module):
                 recalled = recalled.unsqueeze(-1)
                 predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
                                                 predicted_columns)
-        return {
-            "cells": step.cells,
-            "winners": step.winners.to(step.cells.dtype),
-            "columns": step.columns.to(step.cells.dtype),
-            "predicted": predicted,
-            "active_overlap": active.detach(),
-            "potential_overlap": potential,
-            "context_predicted": context,
-            "diverted": known.to(step.cells.dtype) + through_burst.to(step.cells.dtype),
-            "matching_columns": matching_columns.to(step.cells.dtype),
-            "predicted_columns": predicted_columns,
-            "prediction": self.decode(predicted_columns),
-            "anomaly": step.anomaly.detach(),
-        }
+        return LayerState(
+            cells=step.cells,
+            winners=step.winners.to(step.cells.dtype),
+            columns=step.columns.to(step.cells.dtype),
+            predicted=predicted,
+            active_overlap=active.detach(),
+            potential_overlap=potential,
+            context_predicted=context,
+            diverted=known.to(step.cells.dtype) + through_burst.to(step.cells.dtype),
+            matching_columns=matching_columns.to(step.cells.dtype),
+            predicted_columns=predicted_columns,
+            prediction=self.decode(predicted_columns),
+            anomaly=step.anomaly.detach(),
+        )
 
     def seen_once(self, potential: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """(B, C) columns of the cells that `potential` (B, N, S) matches, that are not
@@ -391,7 +394,7 @@ class TemporalMemory(nn.Module):
         prediction into x[t].
         """
         b = step.x.shape[0]
-        active = self.segments(step.prev["cells"].detach())
+        active = self.segments(step.prev.cells.detach())
         p = torch.sigmoid((active.amax(-1) - self.activation_threshold + 0.5) * self.sharpness)
         target = step.winners.to(p.dtype)
         segment_loss = F.binary_cross_entropy(p, target, reduction="sum") / (b * self.k)

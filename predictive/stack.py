@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from predictive.learning import Backprop, LearningRule, Local
-from predictive.memory import TemporalMemory, column_activity
+from predictive.memory import LayerState, TemporalMemory, column_activity
 
 State = dict[str, torch.Tensor]
 
@@ -143,18 +143,19 @@ class PredictiveStack(SequenceModel):
         return self.layers[-1].output_size
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        return {
-            f"{i}.{name}": value
-            for i, layer in enumerate(self.layers)
-            for name, value in layer.initial_state(batch_size, device).items()
-        }
+        """The stack's state as one flat dict, `<layer>.<field>` (what checkpoints hold)."""
+        return self.join_states([layer.initial_state(batch_size, device) for layer in self.layers])
 
-    def layer_states(self, state: State) -> list[State]:
-        states = [{} for _ in self.layers]
+    def layer_states(self, state: State) -> list[LayerState]:
+        fields = [{} for _ in self.layers]
         for key, value in state.items():
             i, name = key.split(".", 1)
-            states[int(i)][name] = value
-        return states
+            fields[int(i)][name] = value
+        return [LayerState(**f) for f in fields]
+
+    @staticmethod
+    def join_states(states: list[LayerState]) -> State:
+        return {f"{i}.{name}": value for i, s in enumerate(states) for name, value in s._asdict().items()}
 
     def step_layers(self, x: torch.Tensor, states: list[State], reset: torch.Tensor | None, rule: LearningRule):
         """One time step through all layers. x: (B, D) -> (steps, new states, local loss)."""
@@ -163,7 +164,7 @@ class PredictiveStack(SequenceModel):
             if rule.is_local(i):
                 # No gradient into the layer below, none from earlier steps, none to build.
                 with torch.no_grad():
-                    step, state = layer(x.detach(), self.detach_state(state), reset, learn=rule.update)
+                    step, state = layer(x.detach(), LayerState(*(v.detach() for v in state)), reset, learn=rule.update)
             else:
                 step, state = layer(x, state, reset, learn=rule.structural_update)
                 if rule.local_loss_weight > 0:
@@ -186,8 +187,8 @@ class PredictiveStack(SequenceModel):
                 steps, states, loss = self.step_layers(x[:, t], states, None if reset is None else reset[:, t], rule)
                 local_loss = local_loss + loss
                 cells.append(steps[-1].cells)
-                predicted.append(states[-1]["predicted"])
-                prediction.append(states[0]["prediction"])
+                predicted.append(states[-1].predicted)
+                prediction.append(states[0].prediction)
                 anomaly.append(steps[0].anomaly)
         out = StackOutput(
             cells=torch.stack(cells, 1),
@@ -196,8 +197,7 @@ class PredictiveStack(SequenceModel):
             anomaly=torch.stack(anomaly, 1),
             local_loss=local_loss / x.shape[1],
         )
-        new_state = {f"{i}.{name}": value for i, s in enumerate(states) for name, value in s.items()}
-        return out, new_state
+        return out, self.join_states(states)
 
     def forward_fused(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
         """`forward` for a rule whose every layer learns locally, on a CPU: each layer runs the
@@ -205,12 +205,12 @@ class PredictiveStack(SequenceModel):
         layers below it in local mode, so the layers can run one after the other."""
         from predictive import fused  # numba loads the first time the compiled path runs
 
-        outputs, new_state, inputs = [], {}, x
-        for i, (layer, layer_state) in enumerate(zip(self.layers, self.layer_states(state))):
+        outputs, new_states, inputs = [], [], x
+        for layer, layer_state in zip(self.layers, self.layer_states(state)):
             *out, layer_state = fused.run_layer(layer, rule.hebbian, inputs, layer_state, reset)
             outputs.append(out)
-            new_state.update({f"{i}.{name}": value for name, value in layer_state.items()})
+            new_states.append(layer_state)
             inputs = out[0]
         (cells, predicted, _, _), (_, _, prediction, anomaly) = outputs[-1], outputs[0]
         out = StackOutput(cells, predicted, prediction, anomaly, local_loss=x.new_zeros(()))
-        return out, new_state
+        return out, self.join_states(new_states)

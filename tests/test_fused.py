@@ -148,10 +148,10 @@ def torch_layers(stack: PredictiveStack, rule, x: torch.Tensor, state: dict, res
             for t in range(x.shape[1]):
                 step, layer_state = layer(inputs[:, t], layer_state, reset[:, t], learn=rule.update)
                 cells.append(step.cells)
-                predicted.append(layer_state["predicted"])
-                prediction.append(layer_state["prediction"])
+                predicted.append(layer_state.predicted)
+                prediction.append(layer_state.prediction)
                 anomaly.append(step.anomaly)
-            new_state.update({f"{i}.{name}": value for name, value in layer_state.items()})
+            new_state.update({f"{i}.{name}": value for name, value in layer_state._asdict().items()})
             outputs.append([torch.stack(v, 1) for v in (cells, predicted, prediction, anomaly)])
             inputs = outputs[-1][0]
     (cells, predicted, _, _), (_, _, prediction, anomaly) = outputs[-1], outputs[0]

@@ -250,7 +250,7 @@ def test_a_new_segment_evicts_a_link_seen_once_before_an_established_one(grace, 
         seg.presynaptic[19, :2], seg.permanence[19, :2], seg.last_learned[19] = torch.tensor([2, 3]), 0.45, 20
     layer.learning_steps.fill_(40)
     prev = layer.initial_state(1)
-    prev["cells"][0, [28, 29]] = prev["winners"][0, [28, 29]] = 1.0
+    prev.cells[0, [28, 29]] = prev.winners[0, [28, 29]] = 1.0
     step = burst_of_columns_2_and_3(layer, prev, matched=False)
     with torch.no_grad():
         build("local", new_synapses=2, connected_grace=grace).hebbian.learn_segments(layer, step)
@@ -312,10 +312,10 @@ def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell
         anomaly=torch.ones(1),
     )
     state = layer.predict(step)
-    assert state["predicted"][0, [16, 20]].tolist() == [1.0, 1.0]  # the burst predicts them
+    assert state.predicted[0, [16, 20]].tolist() == [1.0, 1.0]  # the burst predicts them
     active = torch.zeros(1, 8, dtype=torch.bool)
     active[0, 4:6] = True
-    predicted_cells = (state["predicted"] > 0) & active.repeat_interleave(4, 1)
+    predicted_cells = (state.predicted > 0) & active.repeat_interleave(4, 1)
     chosen, _, is_novel = layer.choose_winners(state, active, predicted_cells)
     assert is_novel[0, 4:6].tolist() == [novel, novel]
     assert chosen[0, [16, 20]].tolist() == [not novel, not novel]  # novel: another cell learns it
@@ -335,7 +335,7 @@ def test_a_diverted_context_stays_on_the_new_winners(diverted):
     cells[0, [8, 12]] = 1.0
     winners[0, [9, 13]] = True
     prev = layer.initial_state(1)
-    prev["diverted"].fill_(float(diverted))
+    prev.diverted.fill_(float(diverted))
     step = LayerStep(
         x=torch.zeros(1, 8),
         prev=prev,
@@ -348,11 +348,11 @@ def test_a_diverted_context_stays_on_the_new_winners(diverted):
         anomaly=torch.zeros(1),
     )
     state = layer.predict(step)
-    assert state["predicted"][0, [16, 20]].tolist() == [1.0, 1.0]
-    assert state["diverted"].tolist() == [float(diverted)]
+    assert state.predicted[0, [16, 20]].tolist() == [1.0, 1.0]
+    assert state.diverted.tolist() == [float(diverted)]
     active = torch.zeros(1, 8, dtype=torch.bool)
     active[0, 4:6] = True
-    predicted_cells = (state["predicted"] > 0) & active.repeat_interleave(4, 1)
+    predicted_cells = (state.predicted > 0) & active.repeat_interleave(4, 1)
     _, _, is_novel = layer.choose_winners(state, active, predicted_cells)
     assert is_novel[0, 4:6].tolist() == [diverted, diverted]
 
@@ -383,9 +383,9 @@ def test_a_known_context_predicts_what_its_winners_recall(matched):
             layer.segments.permanence[cell * 2, :2] = 0.45
             layer.segments.last_learned[cell * 2] = 0
     state = layer.predict(burst_of_columns_2_and_3(layer, layer.initial_state(1), matched))
-    assert state["predicted"][0].nonzero().flatten().tolist() == [16, 20]  # the cells that fire next
+    assert state.predicted[0].nonzero().flatten().tolist() == [16, 20]  # the cells that fire next
     expected = [6, 7] if matched else [4, 5]
-    assert state["predicted_columns"][0].nonzero().flatten().tolist() == expected
+    assert state.predicted_columns[0].nonzero().flatten().tolist() == expected
 
 
 @pytest.mark.parametrize(
@@ -402,9 +402,9 @@ def test_a_known_context_fires_only_its_own_cells(diverted, context_cells, recal
     layer = layer_with_an_old_context()
     layer.recall = recall
     state = layer.initial_state(1)
-    state["predicted"][0, [16, 17]] = 1.0
-    state["context_predicted"][0, context_cells] = 1.0
-    state["diverted"].fill_(diverted)
+    state.predicted[0, [16, 17]] = 1.0
+    state.context_predicted[0, context_cells] = 1.0
+    state.diverted.fill_(diverted)
     active = torch.zeros(1, 8, dtype=torch.bool)
     active[0, 4] = True
     layer.kwinners.winners = lambda scores: active  # the input's columns, whatever x is
@@ -430,12 +430,12 @@ def test_a_diverted_context_runs_on_through_one_burst_of_a_transition_not_yet_co
     # context on, once.
     layer = layer_with_an_old_context()
     prev = layer.initial_state(1)
-    prev["diverted"].fill_(diverted_before)
-    prev["matching_columns"][0, 2:4] = float(was_matching)
+    prev.diverted.fill_(diverted_before)
+    prev.matching_columns[0, 2:4] = float(was_matching)
     state = layer.predict(burst_of_columns_2_and_3(layer, prev, matched=False))
-    assert state["diverted"].tolist() == [diverted_after]
+    assert state.diverted.tolist() == [diverted_after]
     # Cells 0 of columns 4, 5 have segments matching the burst: columns 4, 5 are matching now.
-    assert state["matching_columns"][0].nonzero().flatten().tolist() == [4, 5]
+    assert state.matching_columns[0].nonzero().flatten().tolist() == [4, 5]
 
 
 def test_soft_kwta_sends_gradient_to_losing_columns_with_the_same_forward_values():
@@ -466,9 +466,9 @@ def test_a_winner_that_did_not_fire_counts_as_presynaptic_activity():
         seg.permanence[17 * 2, :2] = 0.45
         seg.last_learned[17 * 2] = 0
     prev = layer.initial_state(1)
-    prev["cells"][0, [8, 12]] = 1.0
-    prev["winners"][0, [9, 13]] = 1.0
-    prev["potential_overlap"][0, 17, 0] = 2.0  # against the winners (a known context)
+    prev.cells[0, [8, 12]] = 1.0
+    prev.winners[0, [9, 13]] = 1.0
+    prev.potential_overlap[0, 17, 0] = 2.0  # against the winners (a known context)
     columns = torch.zeros(1, 8, dtype=torch.bool)
     columns[0, 4] = True
     cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
@@ -528,11 +528,11 @@ def test_a_known_context_does_not_weaken_the_predictions_of_other_contexts_cells
     # winners 9, 13; 8 and 12 made cells 16, 20 predict columns 4, 5. Column 6 comes instead.
     layer = layer_with_an_old_context()
     prev = layer.initial_state(1)
-    prev["cells"][0, [8, 12]] = 1.0
-    prev["winners"][0, [9, 13]] = 1.0
-    prev["active_overlap"][0, [16, 20], 0] = 2.0
-    prev["diverted"].fill_(diverted)
-    prev["context_predicted"][0, context_cells] = 1.0
+    prev.cells[0, [8, 12]] = 1.0
+    prev.winners[0, [9, 13]] = 1.0
+    prev.active_overlap[0, [16, 20], 0] = 2.0
+    prev.diverted.fill_(diverted)
+    prev.context_predicted[0, context_cells] = 1.0
     columns = torch.zeros(1, 8, dtype=torch.bool)
     columns[0, 6] = True
     cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
@@ -552,8 +552,8 @@ def test_the_decoder_does_not_learn_from_a_known_contexts_prediction(diverted):
     # contexts'); the input that follows is this context's, so the pair teaches nothing.
     layer = layer_with_an_old_context()
     prev = layer.initial_state(1)
-    prev["predicted_columns"][0, 4] = 1.0
-    prev["diverted"].fill_(diverted)
+    prev.predicted_columns[0, 4] = 1.0
+    prev.diverted.fill_(diverted)
     step = LayerStep(
         x=torch.ones(1, 8), prev=prev, columns=torch.zeros(1, 8, dtype=torch.bool),
         bursting=torch.zeros(1, 8, dtype=torch.bool), novel=torch.zeros(1, 8, dtype=torch.bool),
@@ -591,7 +591,7 @@ def test_a_known_context_on_new_cells_recalls_the_fired_cells_fresh_links(fresh_
             seg.permanence[cell * 2, :2] = 0.45
             seg.last_learned[cell * 2] = 1000 - learned_ago
     prev = layer.initial_state(1)
-    prev["diverted"].fill_(1.0)
+    prev.diverted.fill_(1.0)
     columns = torch.zeros(1, 8, dtype=torch.bool)
     columns[0, 2:4] = True
     cells, winners = torch.zeros(1, 32), torch.zeros(1, 32, dtype=torch.bool)
@@ -601,6 +601,6 @@ def test_a_known_context_on_new_cells_recalls_the_fired_cells_fresh_links(fresh_
         cells=cells, winners=winners, matched=torch.zeros_like(columns), anomaly=torch.zeros(1),
     )
     state = layer.predict(step)
-    assert state["diverted"].tolist() == [1.0]  # known: carried on by the new winners
-    assert state["predicted"][0].nonzero().flatten().tolist() == [16, 20]  # the connected links
-    assert state["predicted_columns"][0].nonzero().flatten().tolist() == predicted_columns
+    assert state.diverted.tolist() == [1.0]  # known: carried on by the new winners
+    assert state.predicted[0].nonzero().flatten().tolist() == [16, 20]  # the connected links
+    assert state.predicted_columns[0].nonzero().flatten().tolist() == predicted_columns

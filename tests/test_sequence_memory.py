@@ -43,7 +43,7 @@ def test_local_online_learning_holds_high_order_context():
         if stream.scored[t]:  # predict, then see the truth, then learn
             correct.append(guess == symbol)
         _, states, _ = stack.step_layers(codes[symbol].unsqueeze(0), states, None, rule)
-        guess = int((codes @ states[0]["prediction"][0]).argmax())  # most likely next symbol
+        guess = int((codes @ states[0].prediction[0]).argmax())  # most likely next symbol
     curve = accuracy_curve(np.flatnonzero(stream.scored), np.array(correct), len(stream.symbols))
     assert np.nanmax(curve) >= 0.99  # right at least 99% of the time within 10,000 elements
     assert np.nanmean(curve[-1000:]) >= 0.98  # and it stays there, far above first order (0.5)
