@@ -204,6 +204,7 @@ class PredictiveHebbian:
         seg.presynaptic[rows, cols] = candidates[take]
         perm[rows, cols] = self.initial_permanence
 
+    @torch.no_grad()
     def learn_decoder(self, layer: TemporalMemory, step: LayerStep) -> None:
         prev = step.prev
         # Not from a known context's prediction: it is other contexts' (a burst's union) or links
@@ -213,12 +214,13 @@ class PredictiveHebbian:
         error = (step.x - prev.prediction) * settled  # zero error: no weight or bias moves
         scaled = self.delta_rule(layer, prev.predicted_columns, error, self.decoder_rate)
         if self.decoder_bias:
-            layer.decoder.bias.data += scaled.sum(0)
+            layer.decoder.bias += scaled.sum(0)
         if self.decoder_code_rate > 0:  # the current input from the active columns
             columns = step.columns.to(step.x.dtype)  # (B, C)
             self.delta_rule(layer, columns, step.x - layer.decode(columns), self.decoder_code_rate)
 
     @staticmethod
+    @torch.no_grad()
     def delta_rule(layer: TemporalMemory, columns: torch.Tensor, error: torch.Tensor, rate: float) -> torch.Tensor:
         """Add each stream's `error` (B, D), scaled by rate / (its active columns + 1) and
         averaged over the streams, to the decoder weights of its `columns` (B, C). Only the
@@ -226,11 +228,12 @@ class PredictiveHebbian:
         scaled = error * (rate / (columns.sum(-1, keepdim=True) + 1.0)) / error.shape[0]
         used = columns.any(0).nonzero().squeeze(1)
         if used.numel():
-            layer.decoder_rows.data.index_add_(0, used, columns.index_select(1, used).t() @ scaled)
+            layer.decoder_rows.index_add_(0, used, columns.index_select(1, used).t() @ scaled)
         return scaled
 
+    @torch.no_grad()
     def learn_feedforward(self, layer: TemporalMemory, step: LayerStep) -> None:
-        weight = layer.feedforward.parametrizations.weight.original.data  # (C, D)
+        weight = layer.feedforward.dense_weight  # (C, D)
         active = step.columns.to(weight.dtype)  # (B, C)
         counts = active.sum(0).unsqueeze(-1)
         target = active.t() @ step.x  # (C, D): sum of the inputs each column won

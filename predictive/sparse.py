@@ -195,11 +195,17 @@ class SparseLinear(nn.Linear):
     def mask(self) -> torch.Tensor:
         return self.parametrizations.weight[0].mask
 
+    @property
+    def dense_weight(self) -> nn.Parameter:
+        """The stored (out, in) weights, before the mask: what a local rule moves (the mask
+        keeps masked weights at zero in `weight` whatever it does)."""
+        return self.parametrizations.weight.original
+
     def reset_parameters(self) -> None:
         if not parametrize.is_parametrized(self, "weight"):  # inside nn.Linear.__init__
             return super().reset_parameters()
         with torch.no_grad():
-            weight = self.parametrizations.weight.original
+            weight = self.dense_weight
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
             weight.mul_(self.mask)
             if self.bias is not None:
