@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from tasks import high_order  # noqa: E402
 from tasks.encoders import SymbolEncoder  # noqa: E402
 
-PROJECT = {"local": ["learning=local"], "backprop": ["learning=backprop"], "lstm": ["model=lstm", "learning=backprop"]}
+PROJECT = {"local": ["learning=local"], "hybrid": ["learning=hybrid"], "backprop": ["learning=backprop"],
+           "lstm": ["model=lstm", "learning=backprop"]}
 COLUMNS = ("final_accuracy", "elements_to_95", "recovery_elements", "us_per_element")
 
 
@@ -72,7 +73,7 @@ def run_project(name: str, seed: int, args) -> dict:
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         summary = train.train(cfg)
-    return {k: summary.get(k) for k in COLUMNS}
+    return {k: summary.get(k) for k in (*COLUMNS, "end_accuracy")}
 
 
 def run_esn(stream, seed, endings):
@@ -131,7 +132,7 @@ def main():
     p.add_argument("--endings", type=int, default=1, choices=high_order.ENDINGS)
     p.add_argument("--length", type=int, default=20000)
     p.add_argument("--switch-after", type=int, default=10000)
-    p.add_argument("--systems", default=",".join([*PROJECT, *PEERS]))
+    p.add_argument("--systems", default="local,backprop,lstm,esn,aogmaneo,ideal")
     p.add_argument(
         "--override",
         action="append",
