@@ -24,3 +24,13 @@ def test_learn_sequence_predicts_each_ending_from_its_first_element():
 
 def test_a_temporal_memory_inside_your_own_module():
     assert "the readout says sequence [0, 1] (truth [0, 1])" in run("custom_module.py")
+
+
+def test_import_predictive_needs_torch_alone():
+    # The core is a library: the harness's Lightning, Hydra, wandb, pandas and matplotlib, and
+    # numba (loaded when the compiled local step first runs), stay out of `import predictive`.
+    heavy = ["lightning", "hydra", "wandb", "pandas", "matplotlib", "numba"]
+    code = f"import sys, predictive; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
