@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.callbacks import RunSummary
+from predictive.harness.continual import ContinualEvaluation
 from predictive.harness.module import PredictiveModule
 
 
@@ -54,10 +55,12 @@ def train(cfg: DictConfig) -> dict:
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    continual = [ContinualEvaluation(cfg.paths.output_dir)] if task.phases else []
     summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
-                                                "model": choices.model, "seed": cfg.seed})
+                                                "model": choices.model, "seed": cfg.seed},
+                         extra=[c.summary for c in continual])
     logger = build(cfg.logger, "logger") if cfg.logger else False
-    callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
+    callbacks = [build(cfg.checkpoint, "checkpoint"), summary, *continual]  # after the summary: not timed
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(build(cfg.progress_bar, "progress_bar"))
     trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir)

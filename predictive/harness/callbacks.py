@@ -90,9 +90,10 @@ class RunSummary(L.Callback):
     `task.curves()` to `curve_<name>.png`, keeps them in `curves.json` (for the comparison
     report) and sends the plots to the logger."""
 
-    def __init__(self, output_dir: str, info: dict | None = None):
+    def __init__(self, output_dir: str, info: dict | None = None, extra=()):
         self.output_dir = Path(output_dir)
         self.info = dict(info or {})
+        self.extra = list(extra)  # functions returning more entries (e.g. ContinualEvaluation.summary)
         self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
         self.fit_metrics, self.peak_memory_mb = {}, None
         self.ranks = None  # DDP, streaming: every process's task state at the end of fit
@@ -137,6 +138,7 @@ class RunSummary(L.Callback):
             **self.fit_metrics,
             **self.logged(trainer),
             **pl_module.task.summary(self.ranks),
+            **{k: v for more in self.extra for k, v in more().items()},
             "steps_per_second": self.batches / seconds,
             "time_steps_per_second": self.time_steps / seconds,
             "train_seconds": self.seconds,
