@@ -22,7 +22,6 @@ from predictive.harness.continual import (
     held_out_accuracy,
 )
 from predictive.harness.module import PredictiveModule, get_rng_state
-from predictive.readout import ClassMeans
 from tasks import high_order
 
 # Two phases of 400 elements: the published set, then a set generated over its 10 symbols.
@@ -190,21 +189,6 @@ def test_a_model_replaced_by_a_fresh_one_after_each_phase_forgets_what_its_matri
     assert summary["backward_transfer"] == pytest.approx(r[1, 0] - r[0, 0])
 
 
-def test_class_means_learn_each_class_apart():
-    readout = ClassMeans(3, 4)
-    x = torch.tensor([[1.0, 0, 0], [3.0, 0, 0], [0, 2.0, 0], [0, 0, 1.0]])
-    readout.learn(x[:3], torch.tensor([0, 0, 1]))
-    assert torch.allclose(readout.prototypes[:2], torch.eye(3)[:2]) and readout.counts.tolist() == [2, 1, 0, 0]
-    scores = readout(torch.tensor([[0.0, 1.0, 1.0]]))
-    assert scores.argmax().item() == 1 and scores[0, 2] == scores[0, 3] == -readout.sharpness  # unseen: lowest
-    kept = readout.sums[:2].clone()
-    readout.learn(x[3:], torch.tensor([2]))  # a new class moves no old prototype
-    assert torch.equal(readout.sums[:2], kept) and readout(x[3:]).argmax().item() == 2
-    # The mean, not the last examples: 10 examples of a drifted class 0 leave one share of the old.
-    readout.learn(torch.tensor([[1.0, 1.0, 0]]).expand(10, 3), torch.zeros(10, dtype=torch.long))
-    assert readout(torch.tensor([[1.0, 0.2, 0]])).argmax().item() == 0
-
-
 @needs_data("fsdd", "recordings")
 def test_continual_speech_phases_by_speakers_and_classes(tmp_path):
     from tasks.speech.continual import phase_of_clips
@@ -230,12 +214,12 @@ def test_continual_speech_phases_by_speakers_and_classes(tmp_path):
 
 @needs_data("fsdd", "recordings")
 def test_a_continual_speech_run_learns_each_phase_on_its_own_clips(tmp_path, monkeypatch):
-    # 3 phases x 1 epoch of 2 batches, the class-means readout, a small stack: the matrix is
+    # 3 phases x 1 epoch of 2 batches, the discriminant readout, a small stack: the matrix is
     # 3 x 3, and each epoch reads its own phase's clips.
     import tasks.speech.continual as speech_continual
 
     overrides = ["experiment=continual_speech", "task.continual.epochs=1", "trainer.max_epochs=3",
-                 "+trainer.limit_train_batches=2", "task.batch_size=8", "task.readout=class_means",
+                 "+trainer.limit_train_batches=2", "task.batch_size=8", "task.readout=discriminant",
                  "model.columns=64", "model.active_columns=8", "model.cells=2",
                  "trainer.enable_progress_bar=false", "logger=csv"]
     loader, read = speech_continual.PhasedSpeechData.train_dataloader, []
