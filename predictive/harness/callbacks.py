@@ -79,6 +79,10 @@ class StreamCheckpoint(ModelCheckpoint):
         # of writing a second one beside it (last-v1.ckpt).
         self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(self.last_model_path)
+        # Marked saved, as Lightning's own saves are: its saves at the end of the epoch and of fit
+        # are then skipped, instead of writing over this one a state whose epoch is done (when
+        # max_steps stops a stream between periodic saves, a resumed run then stopped at once).
+        self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, self.last_model_path
 
 
 class RunSummary(L.Callback):
