@@ -156,6 +156,17 @@ def test_a_continual_sequence_run_writes_its_accuracy_matrix(tmp_path):
     assert "continual/0:published" in logged.splitlines()[0]
 
 
+def test_a_continual_run_stopped_in_its_second_phase_resumes_with_the_same_matrix(tmp_path):
+    whole = train.train(config(tmp_path / "whole", *SEQUENCES, base=[]))
+    stopped = tmp_path / "stopped"
+    train.train(config(stopped, *SEQUENCES, "trainer.max_steps=25", base=[]))
+    assert len(json.loads((stopped / "summary.json").read_text())["accuracy_matrix"]) == 1
+    resumed = train.train(config(tmp_path / "resumed", *SEQUENCES, f"ckpt_path={stopped}/checkpoints/last.ckpt",
+                                 base=[]))
+    for key in ("initial_accuracy", "accuracy_matrix", "forgetting", "final_accuracy", "end_accuracy"):
+        assert resumed[key] == whole[key], key
+
+
 def test_a_model_that_never_learns_forgets_nothing(tmp_path):
     # learning=frozen: the LSTM keeps its random initialisation; its random predictions score
     # the same on every phase after every phase.
