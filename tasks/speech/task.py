@@ -276,4 +276,6 @@ class SpeechTask(Task):
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
+        if self.phases:  # a continual run's "val" stage is its held-out evaluation: in accuracy_matrix
+            keys = tuple(k for k in keys if k != "val_accuracy")
         return {k: self._results.get(k) for k in keys} | {"classes": self.classes}
