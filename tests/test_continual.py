@@ -245,6 +245,7 @@ def test_a_continual_speech_run_learns_each_phase_on_its_own_clips(tmp_path, mon
     assert np.array(summary["accuracy_matrix"]).shape == (3, 3)
     assert all(0.0 <= a <= 1.0 for row in summary["accuracy_matrix"] for a in row)
     assert "forgetting" in summary and (tmp_path / "continual_matrix.png").exists()
+    assert "val_accuracy" not in summary  # the val stage scored the held-out clips: in the matrix only
     with pytest.raises(ValueError, match="trainer.max_epochs"):
         train.train(config(tmp_path / "short", *overrides[:2], "trainer.max_epochs=2", *overrides[3:], base=[]))
 
