@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.callbacks import RunSummary
+from predictive.harness.continual import ContinualEvaluation
 from predictive.harness.files import AtomicCheckpointIO
 from predictive.harness.interrupt import Interrupted, Interruption
 from predictive.harness.module import PredictiveModule
@@ -80,9 +81,10 @@ def prepare(cfg: DictConfig) -> Run:
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
     settings = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("task", "model", "learning")}
-    summary = RunSummary(cfg.paths.output_dir, info, settings)
+    continual = [ContinualEvaluation(cfg.paths.output_dir)] if task.phases else []
+    summary = RunSummary(cfg.paths.output_dir, info, settings, sources=[c.summary for c in continual])
     logger = build(cfg.logger, "logger") if cfg.logger else False
-    callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
+    callbacks = [build(cfg.checkpoint, "checkpoint"), summary, *continual]  # after the summary: not timed
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(build(cfg.progress_bar, "progress_bar"))
     trainer = build(cfg.trainer, "trainer", logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,

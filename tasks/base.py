@@ -57,6 +57,11 @@ class Task(ABC):
     settings: dict = {}
     encoder: nn.Module
     input_size: int
+    # A continual run (predictive.harness.continual) learns phases one after another in its
+    # training data: their names, and where each ends (chunks learned for streaming tasks,
+    # epochs for the others). Empty: not a continual run.
+    phases: tuple[str, ...] = ()
+    phase_ends: tuple[int, ...] = ()
 
     @abstractmethod
     def datamodule(self, rank: int = 0) -> L.LightningDataModule:
@@ -66,6 +71,11 @@ class Task(ABC):
         `rank`: this process's global rank under DDP (0 otherwise); a streaming task with
         several streams to draw from gives each rank its own (Lightning splits map-style
         datasets between ranks itself)."""
+
+    def held_out(self, phase: int):
+        """Continual runs: phase `phase`'s held-out data, batches that `update_metrics("val", ...)`
+        counts and `compute_metrics("val")["accuracy"]` scores (each batch from a fresh state)."""
+        raise NotImplementedError(f"{type(self).__name__} has no continual phases")
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError if `model` cannot read this task's input, before training. The CNN

@@ -137,6 +137,16 @@ def generate(
     )
 
 
+def concatenate(parts: list[Stream]) -> Stream:
+    """One stream of `parts` in turn (e.g. sets learned one after another); its `switch` is
+    where the second part starts. The parts must share the symbols and their relabelling."""
+    if any(p.num_symbols != parts[0].num_symbols or not np.array_equal(p.relabel, parts[0].relabel) for p in parts):
+        raise ValueError("streams to concatenate must have the same symbols and relabelling")
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return Stream(cat("symbols"), cat("scored"), cat("start"), len(parts[0].symbols) if len(parts) > 1 else
+                  parts[0].switch, parts[0].num_symbols, parts[0].relabel)
+
+
 def is_correct(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
     """Whether each truth is among the top-k of its row of scores (n, num_symbols).
 

@@ -52,6 +52,79 @@ class OverlapHead(nn.Module):
         return self.sharpness * prediction @ self.codes.T
 
 
+def stream_arrays(streams: list[high_order.Stream]) -> dict[str, np.ndarray]:
+    """The (B, N) arrays of B streams that batches are cut from."""
+    symbols = np.stack([s.symbols for s in streams])
+    scored = np.stack([s.scored for s in streams])
+    # The prediction made at t is of element t+1; -1 marks "no next element".
+    next_symbol = np.concatenate([symbols[:, 1:], np.full((len(symbols), 1), -1)], axis=1)
+    next_scored = np.concatenate([scored[:, 1:], np.zeros((len(symbols), 1), bool)], axis=1)
+    return {"symbol": symbols, "next": next_symbol, "next_scored": next_scored,
+            "start": np.stack([s.start for s in streams])}
+
+
+def load_set(endings, data_dir, set="published", set_symbols=16, set_sequences=16, set_middle=9, set_seed=0):
+    """(normal, perturbed, text): the published sets, generated ones, or a file's (see
+    SequenceTask), and their sequences.json text, with how they were made."""
+    if set == "generated":
+        normal, perturbed = high_order.generate_sets(set_symbols, set_sequences, set_middle, endings, set_seed)
+    else:
+        normal, perturbed = high_order.load_sets(endings, None if set == "published" else Path(data_dir) / set)
+    about = {"set": str(set)} | ({"symbols": set_symbols, "sequences": set_sequences, "middle": set_middle,
+                                  "seed": set_seed} if set == "generated" else {})
+    return normal, perturbed, high_order.sets_json({endings: (normal, perturbed)}, **about)
+
+
+class PhaseSets:
+    """The sets of a continual run (`SequenceTask(continual=...)`), one per phase, and the
+    streams made of them: stream s learns set i from its element i x phase_length on, in the
+    order and noise of seed (s, i); phase j's held-out stream e has seed (seed, j, -1 - e)."""
+
+    KEYS = ("sets", "phase_length", "held_out_streams", "held_out_length")
+
+    def __init__(self, spec: dict, own: dict, endings: int, data_dir, chunk: int):
+        spec = dict(spec)
+        unknown = set(spec) - set(self.KEYS)
+        if unknown or "sets" not in spec:
+            raise ValueError(f"task.continual: settings are {list(self.KEYS)} (sets required), got {sorted(spec)}")
+        self.phase_length = spec.get("phase_length", 8000)
+        self.streams, self.held_out_length = spec.get("held_out_streams", 4), spec.get("held_out_length", 500)
+        if not (isinstance(self.phase_length, int) and self.phase_length > 0 and self.phase_length % chunk == 0):
+            raise ValueError(f"task.continual.phase_length={self.phase_length} must be a positive multiple of "
+                             f"task.chunk={chunk} (phases end between chunks)")
+        if self.streams < 1 or self.held_out_length < 50:
+            raise ValueError(f"task.continual: held_out_streams >= 1 and held_out_length >= 50, got "
+                             f"{self.streams} and {self.held_out_length}")
+        self.sets, self.names, self.files = [], [], {}
+        for i, phase in enumerate(spec["sets"]):
+            settings = own | dict(phase)
+            normal, _, self.files[f"sequences_phase{i}.json"] = load_set(endings, data_dir, **settings)
+            self.sets.append(normal)
+            seed = f"-{settings['set_seed']}" if settings["set"] == "generated" else ""
+            self.names.append(f"{i}:{Path(str(settings['set'])).stem}{seed}")
+        sizes = {1 + max(max(s) for s in normal) for normal in self.sets}
+        if len(self.sets) < 1 or len(sizes) != 1:
+            raise ValueError(f"task.continual.sets: one or more sets over the same symbols, got symbol counts "
+                             f"{[1 + max(max(s) for s in normal) for normal in self.sets]}")
+        self.length = len(self.sets) * self.phase_length
+        self.ends = tuple((i + 1) * self.phase_length // chunk for i in range(len(self.sets)))
+
+    def stream(self, seed: int, relabel_seed: int) -> high_order.Stream:
+        parts = [high_order.generate(normal, normal, seed_of(seed, i), self.phase_length, self.phase_length,
+                                     relabel_seed) for i, normal in enumerate(self.sets)]
+        return high_order.concatenate(parts)
+
+    def held_out(self, phase: int, seed: int) -> list[high_order.Stream]:
+        normal = self.sets[phase]
+        return [high_order.generate(normal, normal, seed_of(seed, phase, -1 - e), self.held_out_length,
+                                    self.held_out_length, seed) for e in range(self.streams)]
+
+
+def seed_of(*key: int) -> int:
+    """One integer seed from a tuple of them (numpy's SeedSequence: distinct tuples, unrelated seeds)."""
+    return int(np.random.SeedSequence([k % 2**32 for k in key]).generate_state(1)[0])
+
+
 class SequenceTask(Task):
     """The high-order sequence stream (`tasks.high_order`).
 
@@ -78,6 +151,13 @@ class SequenceTask(Task):
             readout of the predicted cells learns which cells mean which endings (1.00).
         resets: reset the model before every sequence (off in the paper's protocol).
         chunk: time steps per batch (the truncation length of BPTT).
+        continual: None, or the phases of a continual run (predictive.harness.continual), a
+            dict: `sets`, a list of sets (each a dict of the `set*` settings above, the task's
+            own filling in the rest) learned one after another for `phase_length` elements
+            each (the stream is its phases: `length` and `switch_after` do not apply), and
+            each phase's held-out data, `held_out_streams` fresh streams of its set of
+            `held_out_length` elements (their own seeds, the run's relabelling), whose scored
+            endings the model predicts with learning off. Every set must use the same symbols.
     """
 
     streaming = True
@@ -115,6 +195,7 @@ class SequenceTask(Task):
         code_size=2048,
         code_active=41,
         window=100,
+        continual=None,
     ):
         if streams < 1:
             raise ValueError(f"task.streams must be >= 1, got {streams}")
@@ -126,13 +207,21 @@ class SequenceTask(Task):
             raise ValueError(f"task.window must be >= 1, got {window}")
         if features == "auto":
             features = "prediction" if endings == 1 else "predicted"
-        if set == "generated":
-            normal, perturbed = high_order.generate_sets(set_symbols, set_sequences, set_middle, endings, set_seed)
+        own = dict(set=set, set_symbols=set_symbols, set_sequences=set_sequences, set_middle=set_middle,
+                   set_seed=set_seed)
+        self._phases = None
+        if continual:
+            if relabel != "shared":
+                raise ValueError("task.continual needs task.relabel=shared (held-out streams relabel as stream 0)")
+            self._phases = PhaseSets(continual, own, endings, data_dir, chunk)
+            self.phases, self.phase_ends = self._phases.names, self._phases.ends
+            length = switch_after = self._phases.length
+            normal = perturbed = None
+            files = self._phases.files
         else:
-            normal, perturbed = high_order.load_sets(endings, None if set == "published" else Path(data_dir) / set)
-        about = {"set": str(set)} | ({"symbols": set_symbols, "sequences": set_sequences, "middle": set_middle,
-                                      "seed": set_seed} if set == "generated" else {})
-        self._sets_file = None if output_dir is None else (Path(output_dir) / "sequences.json", about)
+            normal, perturbed, text = load_set(endings, data_dir, **own)
+            files = {"sequences.json": text}
+        self._files = None if output_dir is None else {Path(output_dir) / name: text for name, text in files.items()}
         self._sets = (normal, perturbed, length, switch_after)
         self._relabel_seed = seed if relabel == "shared" else None
         self.seed, self.rank, self.streams = seed, 0, self._generate(seed, streams)
@@ -149,21 +238,30 @@ class SequenceTask(Task):
         self._seen = np.zeros(streams, dtype=np.int64)  # elements seen per stream
         self._anomaly_sum, self._anomaly_count = 0.0, 0
         self._seconds, self._elements, self._last = 0.0, 0, None
+        self._held_out, self._held_out_read = [0, 0], False  # held-out endings right, scored (stage "val")
 
     def write_inputs(self) -> None:
-        """The sets this run streams, to <output_dir>/sequences.json (readable as `task.set`)."""
-        if self._sets_file is not None:
-            path, about = self._sets_file
-            normal, perturbed = self._sets[:2]
+        """The sets this run streams, to <output_dir>/sequences.json (a continual run: one
+        sequences_phase<i>.json per phase), each readable as `task.set`."""
+        for path, text in (self._files or {}).items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(path, high_order.sets_json({self.endings: (normal, perturbed)}, **about))
+            write_text(path, text)
 
     def _generate(self, first_seed: int, count: int) -> list[high_order.Stream]:
         normal, perturbed, length, switch_after = self._sets
+        if self._phases is not None:
+            return [self._phases.stream(first_seed + i, self._relabel_seed) for i in range(count)]
         return [
             high_order.generate(normal, perturbed, first_seed + i, length, switch_after, self._relabel_seed)
             for i in range(count)
         ]
+
+    def held_out(self, phase: int) -> list[dict]:
+        """Phase `phase`'s held-out data: one batch of `held_out_streams` fresh streams of its set."""
+        streams = self._phases.held_out(phase, self.seed)
+        arrays = {k: torch.from_numpy(v) for k, v in stream_arrays(streams).items()}
+        arrays["index"] = torch.arange(arrays["symbol"].shape[1]).expand(len(streams), -1)
+        return [arrays]
 
     def _rank_streams(self, rank: int) -> list[high_order.Stream]:
         b = len(self.streams)
@@ -174,18 +272,7 @@ class SequenceTask(Task):
         (relabelled as `relabel` says), so the ranks do not all learn the same streams."""
         if rank != self.rank:
             self.rank, self.streams = rank, self._rank_streams(rank)
-        symbols = np.stack([s.symbols for s in self.streams])
-        scored = np.stack([s.scored for s in self.streams])
-        # The prediction made at t is of element t+1; -1 marks "no next element".
-        next_symbol = np.concatenate([symbols[:, 1:], np.full((len(symbols), 1), -1)], axis=1)
-        next_scored = np.concatenate([scored[:, 1:], np.zeros((len(symbols), 1), bool)], axis=1)
-        arrays = {
-            "symbol": symbols,
-            "next": next_symbol,
-            "next_scored": next_scored,
-            "start": np.stack([s.start for s in self.streams]),
-        }
-        return ArrayStreams(arrays, self.chunk)
+        return ArrayStreams(stream_arrays(self.streams), self.chunk)
 
     def reset_mask(self, batch):
         return batch["start"] if self.resets else None
@@ -206,6 +293,8 @@ class SequenceTask(Task):
         return F.cross_entropy(head_out[known], target[known])
 
     def update_metrics(self, stage, head_out, batch, out):
+        if stage == "val":  # held-out streams (continual runs): their scored endings
+            self._count_held_out(head_out, batch)
         if stage != "train":  # the stream is learned and scored in one prequential pass
             return
         now = time.perf_counter()
@@ -227,6 +316,16 @@ class SequenceTask(Task):
             scores = head_out.detach()[torch.as_tensor(b), torch.as_tensor(t)].float().cpu().numpy()
             self._correct[b, index[b, t] + 1] = high_order.is_correct(scores, truth, self.endings)
 
+    def _count_held_out(self, head_out, batch):
+        if self._held_out_read:  # the last count was read: a new evaluation starts
+            self._held_out, self._held_out_read = [0, 0], False
+        self._last = None  # the chunk cycle around an evaluation is not training time
+        b, t = np.nonzero(batch["next_scored"].cpu().numpy())
+        truth = batch["next"].cpu().numpy()[b, t]
+        scores = head_out.detach()[torch.as_tensor(b), torch.as_tensor(t)].float().cpu().numpy()
+        correct = high_order.is_correct(scores, truth, self.endings)
+        self._held_out = [self._held_out[0] + int(correct.sum()), self._held_out[1] + len(correct)]
+
     def _stream_summary(self, correct: np.ndarray, anomaly: np.ndarray, switch: int) -> dict:
         positions = np.flatnonzero(correct >= 0)
         s = high_order.summarize(positions, correct[positions], self.length, switch, self.window)
@@ -235,6 +334,10 @@ class SequenceTask(Task):
         return s
 
     def compute_metrics(self, stage):
+        if stage == "val":
+            self._held_out_read = True
+            hits, total = self._held_out
+            return {"accuracy": hits / total} if total else {}
         if stage != "train":
             return {}
         last = [a for a in map(self._recent, self._correct, self._seen) if a is not None]

@@ -81,6 +81,10 @@ class StreamCheckpoint(ModelCheckpoint):
         # of writing a second one beside it (last-v1.ckpt).
         self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(self.last_model_path)
+        # Marked saved, as Lightning's own saves are: its saves at the end of the epoch and of fit
+        # are then skipped, instead of writing over this one a state whose epoch is done (when
+        # max_steps stops a stream between periodic saves, a resumed run then stopped at once).
+        self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, self.last_model_path
 
 
 class RunSummary(L.Callback):
@@ -97,12 +101,15 @@ class RunSummary(L.Callback):
     learning settings), the number of processes, and the metrics logged so far, which a resumed
     run starts from (one resumed after its last step logs no training metrics of its own), so
     that it reports what a run that never stopped reports. `predictive.harness.resume` checks a
-    checkpoint's `run` against the run that loads it."""
+    checkpoint's `run` against the run that loads it.
 
-    def __init__(self, output_dir: str, info: dict | None = None, settings: dict | None = None):
+    `sources`: functions that return more entries for the summary (ContinualEvaluation.summary)."""
+
+    def __init__(self, output_dir: str, info: dict | None = None, settings: dict | None = None, sources=()):
         self.output_dir = Path(output_dir)
         self.info = dict(info or {})
         self.settings = dict(settings or {})
+        self.sources = list(sources)
         self.status, self.extra = "running", {}
         self.seconds, self.batches, self.time_steps, self._start = 0.0, 0, 0, None
         self.fit_metrics, self.restored, self.peak_memory_mb = {}, {}, None
@@ -161,6 +168,7 @@ class RunSummary(L.Callback):
             **self.fit_metrics,
             **self.logged(trainer),
             **pl_module.task.summary(self.ranks),
+            **{k: v for source in self.sources for k, v in source().items()},
             "steps_per_second": self.batches / seconds,
             "time_steps_per_second": self.time_steps / seconds,
             "train_seconds": self.seconds,

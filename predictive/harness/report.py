@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from predictive.harness.continual import draw_matrix
 from predictive.harness.files import save_figure, write_text
 
 KEYS = ("task", "learning", "model")
 HEADLINE = ("steps_per_second", "time_steps_per_second", "peak_memory_mb")
+CONTINUAL = ("average_accuracy", "forgetting", "backward_transfer", "forward_transfer")  # first when present
 
 
 def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
@@ -45,9 +47,10 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
-    """Numeric metrics, throughput and memory last."""
+    """Numeric metrics: a continual run's first, throughput and memory last."""
     numeric = [c for c in runs.columns if c not in (*KEYS, "seed", "run") and is_numeric(runs[c])]
-    return [c for c in numeric if c not in HEADLINE] + [c for c in HEADLINE if c in numeric]
+    first = [c for c in CONTINUAL if c in numeric]
+    return first + [c for c in numeric if c not in (*HEADLINE, *first)] + [c for c in HEADLINE if c in numeric]
 
 
 def is_numeric(column: pd.Series) -> bool:
@@ -106,6 +109,8 @@ def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
         written.append(out / "metrics.png")
         save_figure(fig, written[-1], dpi=100)
         plt.close(fig)
+    if "accuracy_matrix" in runs:
+        written.append(plot_matrices(runs, labels, out / "continual_matrix.png"))
     names = sorted({name for run in curves.values() for name in run})
     for name in names:  # learning curves: one line per run, one colour per mode
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -122,6 +127,27 @@ def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
         save_figure(fig, written[-1], dpi=100, bbox_inches="tight")
         plt.close(fig)
     return written
+
+
+def plot_matrices(runs: pd.DataFrame, labels: list[str], path: Path) -> Path:
+    """Continual runs: the mean accuracy matrix R over seeds, one heatmap per learning mode and
+    model (runs whose R is missing or of another shape than the label's first are left out)."""
+    import matplotlib.pyplot as plt
+
+    labels = [lab for lab in labels if runs.loc[runs.label == lab, "accuracy_matrix"].notna().any()]
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), squeeze=False)
+    for ax, lab in zip(axes.flat, labels):
+        matrices = [np.asarray(m, dtype=float) for m in runs.loc[runs.label == lab, "accuracy_matrix"]
+                    if isinstance(m, list) and m]
+        mean = np.mean([m for m in matrices if m.shape == matrices[0].shape], axis=0)
+        draw_matrix(ax, mean)
+        ax.set(title=f"{lab} (n={len(matrices)})", xlabel="accuracy on phase", ylabel="after phase")
+        ax.set_xticks(range(mean.shape[1]))
+        ax.set_yticks(range(mean.shape[0]))
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(root: str | Path) -> Path:

@@ -5,6 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from predictive.memory import column_activity
+from predictive.readout import ClassMeans, LinearDiscriminant
+
+READOUTS = {"linear": None, "class_means": ClassMeans, "discriminant": LinearDiscriminant}
 
 
 def segment_means(features: torch.Tensor, span: torch.Tensor, segments: int) -> torch.Tensor:
@@ -41,6 +44,12 @@ class SegmentPoolHead(nn.Module):
     noisy, augmented features ends wherever its last steps left it; the average is a better
     estimate of the weights it was converging to. Only the head is averaged, never the model
     below it.
+
+    readout="class_means" | "discriminant": the pooled features go to a readout that learns by
+    counting from the labels passed in training (`label`), instead of the linear map: class
+    means, or class means and a shared covariance (`predictive.readout`). Learning new classes
+    or speakers then overwrites nothing of the old ones (continual learning). No dropout or
+    averaging apply to them.
     """
 
     def __init__(
@@ -51,6 +60,7 @@ class SegmentPoolHead(nn.Module):
         dropout: float = 0.0,
         cells_per_column: int = 1,
         average: float = 0.0,
+        readout: str = "linear",
     ):
         super().__init__()
         if cells_per_column < 1 or feature_size % cells_per_column:
@@ -62,9 +72,13 @@ class SegmentPoolHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         if not 0.0 <= average < 1.0:
             raise ValueError(f"task.head_average must be in [0, 1), got {average}")
-        self.linear = nn.Linear(feature_size // cells_per_column * segments, num_classes)
+        if readout not in READOUTS:
+            raise ValueError(f"task.readout must be one of {list(READOUTS)}, got {readout!r}")
+        pooled = feature_size // cells_per_column * segments
+        self.linear = nn.Linear(pooled, num_classes) if readout == "linear" else None
+        self.counting = READOUTS[readout](pooled, num_classes) if READOUTS[readout] else None
         self.average = average
-        if average:
+        if average and self.linear is not None:
             self.register_buffer("average_weight", self.linear.weight.detach().clone())
             self.register_buffer("average_bias", self.linear.bias.detach().clone())
             self.register_buffer("average_steps", torch.zeros((), dtype=torch.long))
@@ -78,9 +92,11 @@ class SegmentPoolHead(nn.Module):
         self.average_bias.lerp_(self.linear.bias, rate)
         self.average_steps += 1
 
-    def forward(self, features: torch.Tensor, span: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, span: torch.Tensor | None = None, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, F) features, span (B, 2) frames [start, end) to pool over (None: all T) ->
-        (B, classes) logits."""
+        (B, classes) logits. label (B,): the classes, for a counting readout in training."""
         if features.shape[1] < self.segments:
             raise ValueError(f"{features.shape[1]} time steps < task.segments={self.segments}")
         if self.cells_per_column > 1:
@@ -89,6 +105,11 @@ class SegmentPoolHead(nn.Module):
             pooled = torch.cat([s.mean(1) for s in torch.tensor_split(features, self.segments, dim=1)], 1)
         else:
             pooled = segment_means(features, span, self.segments)
+        if self.counting is not None:
+            scores = self.counting(pooled)  # predicted before it learns from this batch
+            if self.training and label is not None:
+                self.counting.learn(pooled, label)
+            return scores
         if self.average and not self.training:
             return F.linear(pooled, self.average_weight, self.average_bias)
         if self.average and torch.is_grad_enabled():  # a training step: the weights of the last one

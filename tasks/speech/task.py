@@ -17,6 +17,7 @@ from tasks.base import Task
 from . import datasets as ds
 from .audio import read_wav, resample
 from .augment import Augment
+from .continual import PhasedSpeechData, phase_of_clips
 from .data import SpeechData
 from .features import LogMel, frame_energy, voiced_span
 from .head import SegmentPoolHead
@@ -147,11 +148,13 @@ class SpeechTask(Task):
         voiced_range_db=None,
         head_dropout=0.0,
         head_average=0.0,
+        readout="linear",
         cells_per_column=1,
         noise_levels=tuple(i / 20 for i in range(11)),
         noise_seed=0,
         batch_size=32,
         output_dir=None,
+        continual=None,
     ):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
@@ -177,18 +180,15 @@ class SpeechTask(Task):
             self.classes = [*ds.GSC_WORDS, ds.SILENCE, ds.UNKNOWN]
         else:
             self.classes = sorted({label_of(c.word) for c in clips})
-        self._data = SpeechData(
-            clips,
-            {c: i for i, c in enumerate(self.classes)},
-            label_of,
-            sample_rate,
-            self.samples,
-            batch_size,
-            skip_bad_files,
-            noise_levels,
-            noise_seed,
-            output_dir,
-        )
+        settings = ({c: i for i, c in enumerate(self.classes)}, label_of, sample_rate, self.samples, batch_size,
+                    skip_bad_files, noise_levels, noise_seed, output_dir)
+        if continual:  # phases by speaker or class groups (tasks/speech/continual.py)
+            self.phases, groups = phase_of_clips(continual, clips, label_of)
+            epochs = continual.get("epochs", 1)
+            self._data = PhasedSpeechData([SpeechData(part, *settings) for part in groups], epochs)
+            self.phase_ends = tuple(epochs * (i + 1) for i in range(len(groups)))
+        else:
+            self._data = SpeechData(clips, *settings)
         logmel = LogMel(
             sample_rate,
             n_fft,
@@ -207,6 +207,7 @@ class SpeechTask(Task):
         )
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
+        self.readout = readout
         self.cells_per_column = cells_per_column
         if voiced_threshold is not None and not (
             isinstance(voiced_threshold, (int, float)) and not isinstance(voiced_threshold, bool)
@@ -239,6 +240,9 @@ class SpeechTask(Task):
     def datamodule(self, rank: int = 0):
         return self._data  # Lightning gives each rank its share of the clips
 
+    def held_out(self, phase: int):
+        return self._data.held_out(phase)
+
     def reset_mask(self, batch):
         """Each clip is its own sequence: clear the state at its first frame."""
         audio = batch["audio"]
@@ -250,17 +254,20 @@ class SpeechTask(Task):
 
     def build_head(self, feature_size):
         return SegmentPoolHead(
-            feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column, self.head_average
+            feature_size, len(self.classes), self.segments, self.head_dropout, self.cells_per_column, self.head_average,
+            self.readout,
         )
 
     def head_inputs(self, x, batch):
         """The head pools over the frames that hold the word (task.voiced_threshold and
         task.voiced_range_db, on the frame energies the encoder put in the batch), widened by the
         spliced context: frames that far from the word still carry part of it."""
+        labels = {"label": batch["label"]} if self.readout != "linear" else {}  # a counting readout learns from them
         if self.voiced_threshold is None:
-            return {}
+            return labels
         margin = self.encoder.logmel.context_frames
-        return {"span": voiced_span(batch["frame_energy"], self.voiced_threshold, margin, self.voiced_range_db)}
+        return {"span": voiced_span(batch["frame_energy"], self.voiced_threshold, margin, self.voiced_range_db),
+                **labels}
 
     def loss(self, head_out, batch):
         return F.cross_entropy(head_out, batch["label"])
@@ -356,4 +363,6 @@ class SpeechTask(Task):
     def summary(self, ranks: list[dict] | None = None):
         # Not streaming: RunSummary gathers no per-process state for it (`ranks` stays None).
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
+        if self.phases:  # a continual run's "val" stage is its held-out evaluation: in accuracy_matrix
+            keys = tuple(k for k in keys if k != "val_accuracy")
         return {k: self._results.get(k) for k in keys} | {"classes": self.classes, "split": self.split}
