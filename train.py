@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.callbacks import RunSummary
 from predictive.harness.module import PredictiveModule
+from tasks.base import CorpusTask
 
 
 def build(cfg: DictConfig, name: str, **kwargs):
@@ -43,6 +44,10 @@ def train(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.torch_threads)
     # Build (and so validate) everything before any training starts.
     task = build(cfg.task, "task")
+    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
+    if isinstance(task, CorpusTask):  # its own protocol (NAB: a fresh model per file)
+        return task.run(cfg, info, build(cfg.logger, "logger") if cfg.logger else None)
     model = build(cfg.model, "model", input_size=task.input_size)
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
@@ -53,9 +58,7 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"scheduler: needs trainer.max_epochs >= 1 (it is stepped once per epoch), got {epochs!r}")
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
 
-    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
-    summary = RunSummary(cfg.paths.output_dir, {"task": choices.task, "learning": choices.learning,
-                                                "model": choices.model, "seed": cfg.seed})
+    summary = RunSummary(cfg.paths.output_dir, info)
     logger = build(cfg.logger, "logger") if cfg.logger else False
     callbacks = [build(cfg.checkpoint, "checkpoint"), summary]
     if cfg.trainer.get("enable_progress_bar", True):
@@ -83,7 +86,8 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     summary = train(cfg)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        print(f"\nresults in {cfg.paths.output_dir}: summary.json, checkpoints/last.ckpt, plots (*.png)")
+        outputs = summary.get("outputs", "summary.json, checkpoints/last.ckpt, plots (*.png)")
+        print(f"\nresults in {cfg.paths.output_dir}: {outputs}")
         print("  " + headline(summary))
 
 

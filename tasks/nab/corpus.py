@@ -3,8 +3,8 @@ windows `labels/combined_windows.json`, and results in NAB's layout
 `<results>/<detector>/<group>/<detector>_<name>.csv`.
 
 Every data file is read and checked before any detection starts: a missing or unparsable
-timestamp, a value that is not a finite number, or a time that does not increase stops with
-an error naming the file and the line (or, with `skip_bad`, the row is left out of detection
+timestamp, a value that is not a finite number, or a time that goes back (by more than a clock
+change) stops with an error naming the file and the line (or, with `skip_bad`, the row is left out of detection
 and listed). A corpus that lacks files of the label list is reported, never scored as if
 complete.
 """
@@ -12,6 +12,10 @@ complete.
 import csv
 import json
 import math
+import shutil
+import tempfile
+import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,8 +66,10 @@ def parse_value(text: str) -> float:
     return value
 
 
-def read_series(path: Path, name: str, skip_bad: bool = False) -> Series:
-    """Read and check one data file; `name` is its path under data/."""
+def read_series(path: Path, name: str, skip_bad: bool = False, clock_change_minutes: float = 60) -> Series:
+    """Read and check one data file; `name` is its path under data/. A time may repeat or go
+    back by up to `clock_change_minutes` (a clock change: NAB's own files have them, e.g.
+    03:00 twelve times on a daylight-saving night); further back is an error."""
     if not path.is_file():
         raise FileNotFoundError(f"NAB data file not found: {path}")
     with open(path, newline="") as f:
@@ -71,20 +77,21 @@ def read_series(path: Path, name: str, skip_bad: bool = False) -> Series:
     if not rows or [h.strip() for h in rows[0][:2]] != ["timestamp", "value"]:
         raise ValueError(f"{path}:1: expected the header 'timestamp,value', got {rows[0] if rows else 'an empty file'}")
     stamps, raw_values, times, values, skipped = [], [], [], [], []
-    last = None
+    last = None  # the latest time so far
     for line, row in enumerate(rows[1:], start=2):
         stamp, text = (row + ["", ""])[:2]
         try:
             when, value = parse_time(stamp), parse_value(text)
-            if last is not None and when <= last:
-                raise ValueError(f"time {stamp.strip()} does not increase (the row before: {last})")
+            if last is not None and (last - when).total_seconds() > 60 * clock_change_minutes:
+                raise ValueError(f"time {stamp.strip()} goes back from {last} (by more than a clock change, "
+                                 f"task.clock_change_minutes={clock_change_minutes})")
         except ValueError as e:
             if not skip_bad:
                 raise ValueError(f"{path}:{line}: {e} (task.skip_bad=true skips such rows)") from e
             skipped.append(f"line {line}: {e}")
             when, value = None, math.nan
         else:
-            last = when
+            last = when if last is None else max(last, when)
         stamps.append(stamp)
         raw_values.append(text)
         times.append(np.datetime64(when, "s") if when is not None else np.datetime64("NaT"))
@@ -175,3 +182,45 @@ def read_results(root: Path, detector: str, windows: dict) -> tuple[dict[str, Fi
         times, scores[name] = read_scores(result_path(root, detector, name))
         sweeps[name] = file_sweep(name, len(times), window_rows(name, times, windows[name]))
     return sweeps, scores
+
+
+def truncate(series: Series, records: int) -> Series:
+    """The first `records` rows of a file (quick runs and tests)."""
+    cut = slice(0, records)
+    kept = set(range(records))
+    skipped = [s for s in series.skipped if int(s.split()[1].rstrip(":")) - 2 in kept]
+    return Series(series.name, series.stamps[cut], series.raw_values[cut], series.times[cut], series.values[cut],
+                  series.good[cut], skipped)
+
+
+def windows_within(windows: list[tuple[str, str]], series: Series) -> list[tuple[str, str]]:
+    """The windows that end within the file's rows (all of them, unless it was truncated)."""
+    last = series.times[series.good].max()
+    return [w for w in windows if np.datetime64(w[1].replace(" ", "T"), "s") <= last]
+
+
+NAB_URL = "https://github.com/numenta/NAB/archive/refs/heads/master.zip"
+
+
+def fetch(root: Path, url: str = NAB_URL) -> None:
+    """Download NAB's repository archive and unpack its data/ and labels/ into `root`, unless
+    the label file is there already."""
+    if (root / "labels" / "combined_windows.json").is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        archive = Path(tmp) / "nab.zip"
+        print(f"downloading {url} to {archive}", flush=True)
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except OSError as e:  # URLError, HTTPError and timeouts are OSErrors
+            raise OSError(f"task.download=true: could not fetch {url} ({e}); download NAB by hand (git clone "
+                          f"https://github.com/numenta/NAB) and copy its data/ and labels/ into {root}") from e
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(Path(tmp) / "unpacked")
+        (repo,) = (Path(tmp) / "unpacked").iterdir()  # NAB-master/
+        for part in ("data", "labels"):
+            if not (repo / part).is_dir():
+                raise OSError(f"task.download=true: {url} holds no {part}/ folder; is it NAB's repository?")
+            if not (root / part).exists():
+                shutil.move(str(repo / part), root / part)
