@@ -45,8 +45,10 @@ def nab_copy(root: Path, names: list[str], edit=None) -> Path:
     return root
 
 
-def test_run_writes_nabs_layout_and_scores(tmp_path):
-    summary = train.train(config(tmp_path, "task=nab", *SMALL, base=[]))
+def test_run_writes_nabs_layout_and_scores(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [o.replace("logger=csv", "logger=wandb") for o in SMALL]
+    summary = train.train(config(tmp_path, "task=nab", *overrides, base=[]))
     for key in ("nab_standard", "nab_reward_low_fp", "nab_reward_low_fn", "nab_standard_realTraffic",
                 "us_per_record", "wall_seconds", "records_per_second"):
         assert isinstance(summary[key], float), key
@@ -74,6 +76,8 @@ def test_run_writes_nabs_layout_and_scores(tmp_path):
     table = list(csv.DictReader(open(tmp_path / "files.csv")))
     assert [r["file"] for r in table] == sorted(FILES) and all(r["records"] == "500" for r in table)
     assert (tmp_path / "nab_speed_7578.png").stat().st_size > 10_000
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")  # the picture reaches wandb as an image too
+    assert len(list((run / "files" / "media" / "images" / "nab").glob("nab_speed_7578_*.png"))) == 1
 
 
 def test_cli_prints_the_three_scores(tmp_path):

@@ -57,12 +57,14 @@ class NabTask(CorpusTask):
         detector_settings: chunk, value_size ... raw: `tasks.nab.detector.Settings`.
         spatial_tolerance: score 1 where a value leaves the range so far by this fraction of it.
         averaging, history, reestimate: the likelihood's settings (`tasks.nab.likelihood`).
+        hebbian: the local rule's settings for NAB, over the learning config's, under the
+            rules that learn by it (local, hybrid).
         plots: files to draw.
     """
 
     def __init__(self, data_dir="data", root=None, download=False, detector=None, score="likelihood", files=None,
                  records=None, workers=2, skip_bad=False, clock_change_minutes=60, spatial_tolerance=0.05,
-                 averaging=10, history=8640, reestimate=100, plots=PLOTS, **detector_settings):
+                 averaging=10, history=8640, reestimate=100, hebbian=None, plots=PLOTS, **detector_settings):
         unknown = sorted(set(detector_settings) - set(Settings.__dataclass_fields__))
         if unknown:
             raise ValueError(f"task: unknown settings {', '.join(unknown)}")
@@ -85,6 +87,7 @@ class NabTask(CorpusTask):
         self.detector, self.score, self.workers, self.spatial_tolerance = detector, score, workers, spatial_tolerance
         self.likelihood = {"averaging": averaging, "history": history, "reestimate": reestimate}
         self.plots = list(plots or [])
+        self.hebbian = dict(hebbian or {})
         labels = self.root / "labels" / "combined_windows.json"
         if not labels.is_file():
             raise FileNotFoundError(f"no NAB corpus at {self.root} ({labels} is missing): set paths.data_dir (or "
@@ -140,13 +143,18 @@ class NabTask(CorpusTask):
         from hydra.utils import instantiate
 
         encoder = encoder_for(np.array([0.0, 1.0]), self.settings)
-        instantiate(cfg.learning.rule).check(instantiate(cfg.model, input_size=encoder.output_size))
+        instantiate(self.rule_config(cfg)).check(instantiate(cfg.model, input_size=encoder.output_size))
         instantiate(cfg.optimizer)([torch.zeros(1, requires_grad=True)])
+
+    def rule_config(self, cfg) -> dict:
+        """The learning rule's config, with `hebbian` over it where the rule learns locally."""
+        rule = OmegaConf.to_container(cfg.learning.rule, resolve=True)
+        return {**rule, **self.hebbian} if rule.get("name") in ("local", "hybrid") else rule
 
     def detect_all(self, cfg) -> tuple[dict, dict]:
         """Raw scores and seconds of every file: the longest files first, in `workers` processes."""
         plain = lambda c: OmegaConf.to_container(c, resolve=True)  # noqa: E731
-        shared = (self.settings, plain(cfg.model), plain(cfg.learning.rule), plain(cfg.optimizer),
+        shared = (self.settings, plain(cfg.model), self.rule_config(cfg), plain(cfg.optimizer),
                   cfg.learning.gradient_clip_val, cfg.seed)
         names = sorted(self.series, key=lambda n: -len(self.series[n]))
         jobs = [(self.series[n], *shared) for n in names]
@@ -224,17 +232,19 @@ class NabTask(CorpusTask):
 
     @staticmethod
     def log(logger, cfg, summary: dict, pictures: list[Path]) -> None:
-        """The summary's figures and the pictures to a wandb logger (others take no images)."""
+        """The summary's figures to the logger, the pictures to wandb (others take no images)."""
         if logger is None:
             return
         from lightning.pytorch.loggers import WandbLogger
 
+        from predictive.harness.callbacks import log_images
+
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        logger.log_metrics(numbers)
+        log_images([logger], {f"nab/{p.stem}": p for p in pictures})
         if isinstance(logger, WandbLogger):
-            for p in pictures:
-                logger.log_image(key=f"nab/{p.stem}", images=[str(p)])
-            logger.experiment.finish()
+            logger.experiment.finish()  # the next run of a multirun starts its own wandb run
         else:
             logger.save()
 
