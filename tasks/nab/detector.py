@@ -2,17 +2,18 @@
 every record, prequential (what is reported for record t was computed from records <= t).
 
 The input of record t is the value (`ScalarEncoder` over the file's range, which NAB allows),
-the time of day and the day of the week (`tasks.taxi.SeriesInput`). Records run in chunks of
-`chunk` steps with the model's state carried from chunk to chunk; a temporal-memory layer's
-anomaly at t compares the columns active at t with those predicted at t-1, so a chunk sees
-nothing ahead of the step it scores.
+and optionally the time of day and the day of the week (`RecordEncoder`). Records run in
+chunks of `chunk` steps with the model's state carried from chunk to chunk; a temporal-memory
+layer's anomaly at t compares the columns active at t with those predicted at t-1, so a chunk
+sees nothing ahead of the step it scores.
 
 Raw scores: "columns", the bottom layer's share of active columns that were not predicted
 (`PredictiveStack` output `anomaly`); or "error", the error of a linear head's prediction of
 the next value (in units of the file's range, clipped to [0, 1]), for models without columns
-(the LSTM). Under a rule whose task loss trains the model (backprop, hybrid), and whenever the
-error is the raw score, the head and the model learn online from that next-value loss, one
-optimizer step per chunk, after the chunk has been scored.
+(the LSTM) or whose segments only a gradient trains (a stack under backprop). Under a rule
+whose task loss trains the model (backprop, hybrid), and whenever the error is the raw score,
+the head and the model learn online from that next-value loss, one optimizer step per chunk,
+after the chunk has been scored.
 """
 
 import time
@@ -33,20 +34,23 @@ class Settings:
     """The detector's settings (the task's config); one set for every file."""
 
     chunk: int | None = None  # steps per forward pass; None: 100 under a local rule, 16 otherwise
-    value_size: int = 400
+    value_size: int = 150
     value_active: int = 21
-    time_size: int = 240  # 0: no time of day
+    time_size: int = 0  # 0: no time of day (240: 6 minutes per bit)
     time_active: int = 21
-    day_size: int = 147  # 0: no day of week
+    day_size: int = 0  # 0: no day of week (147: one block of 21 bits per day)
     day_active: int = 21
     value_margin: float = 0.1  # the value code spans the file's range widened by this much each side
-    raw: str = "auto"  # columns | error | auto (columns where the model has them)
+    raw: str = "auto"  # columns | error | auto (columns where the model has them and grows them locally)
+    ensemble: int = 1  # fresh models per file (seeds seed, seed + 1, ...); the raw score is their mean
 
     def __post_init__(self):
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"task.chunk must be >= 1 or null, got {self.chunk}")
         if self.raw not in ("auto", "columns", "error"):
             raise ValueError(f"task.raw must be 'auto', 'columns' or 'error', got {self.raw!r}")
+        if not isinstance(self.ensemble, int) or self.ensemble < 1:
+            raise ValueError(f"task.ensemble must be an integer >= 1, got {self.ensemble!r}")
         if self.value_margin < 0:
             raise ValueError(f"task.value_margin must be >= 0, got {self.value_margin}")
 
@@ -117,28 +121,23 @@ class Learner:
         return error
 
 
-def detect(series: Series, settings: Settings, model_cfg, rule_cfg, optimizer_cfg, clip: float | None, seed: int):
-    """Raw anomaly scores (one per data row; 0 for skipped rows) and the seconds spent."""
-    torch.manual_seed(seed)  # every file's fresh model starts alike
-    good = series.good
-    values = series.values[good]
-    minutes, weekdays = calendar(series.times[good])
-    encoder = encoder_for(values, settings)
+def stream(encoder: RecordEncoder, batch: dict, target: torch.Tensor, settings: Settings, model_cfg, rule_cfg,
+           optimizer_cfg, clip: float | None) -> np.ndarray:
+    """The raw scores of one fresh model over the whole file, chunk by chunk."""
     model = instantiate(model_cfg, input_size=encoder.output_size)
     rule = instantiate(rule_cfg)
     rule.check(model)
-    columns = settings.raw == "columns" or (settings.raw == "auto" and hasattr(model, "layers"))
+    # A stack's columns mean something where its segments grow by the local rule (local, hybrid);
+    # under backprop alone they are random and nearly every column is unpredicted.
+    grown = rule.is_local(0) or rule.grows_segments
+    columns = settings.raw == "columns" or (settings.raw == "auto" and hasattr(model, "layers") and grown)
     learner = None
     if rule.task_loss_trains_model or not columns or not rule.is_local(0):
         learner = Learner(model, rule, instantiate(optimizer_cfg), clip)
     chunk = settings.chunk or (100 if learner is None else 16)
-    low, high = encoder.value.minimum, encoder.value.maximum
-    target = torch.from_numpy((values - low) / (high - low)).float()
-    batch = {k: torch.from_numpy(v)[None] for k, v in (("value", values), ("minute", minutes), ("weekday", weekdays))}
     state = model.initial_state(1)
-    raw = np.zeros(len(values))
-    start = time.perf_counter()
-    for first in range(0, len(values), chunk):
+    raw = np.zeros(len(target))
+    for first in range(0, len(target), chunk):
         steps = slice(first, first + chunk)
         x = encoder({k: v[:, steps] for k, v in batch.items()})
         with torch.set_grad_enabled(learner is not None):
@@ -146,7 +145,25 @@ def detect(series: Series, settings: Settings, model_cfg, rule_cfg, optimizer_cf
             error = None if learner is None else learner.step(out, target[steps])
         raw[steps] = out.anomaly[0].detach().numpy() if columns else error
         state = model.detach_state(state)
+    return raw
+
+
+def detect(series: Series, settings: Settings, model_cfg, rule_cfg, optimizer_cfg, clip: float | None, seed: int):
+    """Raw anomaly scores (one per data row; 0 for skipped rows) and the seconds spent: the
+    mean over `settings.ensemble` fresh models (seeds seed, seed + 1, ...)."""
+    good = series.good
+    values = series.values[good]
+    minutes, weekdays = calendar(series.times[good])
+    encoder = encoder_for(values, settings)
+    low, high = encoder.value.minimum, encoder.value.maximum
+    target = torch.from_numpy((values - low) / (high - low)).float()
+    batch = {k: torch.from_numpy(v)[None] for k, v in (("value", values), ("minute", minutes), ("weekday", weekdays))}
+    start = time.perf_counter()
+    raw = np.zeros(len(values))
+    for member in range(settings.ensemble):
+        torch.manual_seed(seed + member)  # every file's fresh model starts alike
+        raw += stream(encoder, batch, target, settings, model_cfg, rule_cfg, optimizer_cfg, clip)
     seconds = time.perf_counter() - start
     scores = np.zeros(len(series))
-    scores[good] = np.clip(raw, 0.0, 1.0)
+    scores[good] = np.clip(raw / settings.ensemble, 0.0, 1.0)
     return scores, seconds

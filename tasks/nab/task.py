@@ -64,7 +64,7 @@ class NabTask(CorpusTask):
 
     def __init__(self, data_dir="data", root=None, download=False, detector=None, score="likelihood", files=None,
                  records=None, workers=2, skip_bad=False, clock_change_minutes=60, spatial_tolerance=0.05,
-                 averaging=10, history=8640, reestimate=100, hebbian=None, plots=PLOTS, **detector_settings):
+                 averaging=10, history=4000, reestimate=100, hebbian=None, plots=PLOTS, **detector_settings):
         unknown = sorted(set(detector_settings) - set(Settings.__dataclass_fields__))
         if unknown:
             raise ValueError(f"task: unknown settings {', '.join(unknown)}")
