@@ -123,6 +123,7 @@ class NabTask(CorpusTask):
         records = sum(len(s) for s in self.series.values())
         summary = {**info, **self.figures_of(report), "files": len(self.series), "records": records,
                    "complete": self.complete, "detector": self.detector, "score": self.score,
+                   "variant": "raw score" if self.score == "raw" else "likelihood",
                    "wall_seconds": wall, "records_per_second": records / wall,
                    "us_per_record": 1e6 * sum(seconds.values()) / records,
                    "skipped_rows": {n: s.skipped for n, s in self.series.items() if s.skipped},
