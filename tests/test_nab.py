@@ -197,3 +197,16 @@ def test_every_mode_runs_on_the_same_protocol(tmp_path, overrides):
     assert summary["learning"] == next((o.split("=")[1] for o in overrides if o.startswith("learning=")), "local")
     assert summary["score"] == ("raw" if "task.score=raw" in overrides else "likelihood")
     assert summary["nab_standard"] is not None
+
+
+def test_the_raw_score_run_is_a_row_of_its_own_in_the_comparison(tmp_path):
+    from predictive.harness import report
+
+    runs = {"0": ("local", "likelihood", 72.0), "1": ("backprop", "likelihood", 40.0), "2": ("local", "raw score", 61.0)}
+    for run, (learning, variant, score) in runs.items():
+        (tmp_path / run).mkdir()
+        summary = {"task": "nab", "learning": learning, "model": "nab_stack", "variant": variant, "nab_standard": score}
+        (tmp_path / run / "summary.json").write_text(json.dumps(summary))
+    table = report.write_report(tmp_path).read_text()
+    assert "| nab | local | nab_stack | likelihood | 1 | 72.00 ± 0.00 |" in table
+    assert "| nab | local | nab_stack | raw score | 1 | 61.00 ± 0.00 |" in table
