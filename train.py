@@ -37,6 +37,7 @@ from predictive.harness.interrupt import Interrupted, Interruption
 from predictive.harness.module import PredictiveModule
 from predictive.harness.resume import check_checkpoint
 from predictive.harness.settings import check_settings
+from tasks.base import CorpusTask
 
 
 def build(cfg: DictConfig, name: str, **kwargs):
@@ -55,11 +56,12 @@ class Run:
 
     cfg: DictConfig
     task: object
-    module: PredictiveModule
-    trainer: L.Trainer
-    datamodule: L.LightningDataModule
-    summary: RunSummary
-    logger: object
+    info: dict
+    module: PredictiveModule | None = None
+    trainer: L.Trainer | None = None
+    datamodule: L.LightningDataModule | None = None
+    summary: RunSummary | None = None
+    logger: object = None
 
 
 def prepare(cfg: DictConfig) -> Run:
@@ -71,6 +73,10 @@ def prepare(cfg: DictConfig) -> Run:
         torch.set_num_threads(cfg.torch_threads)
     L.seed_everything(cfg.seed, workers=True)
     task = build(cfg.task, "task")
+    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
+    if isinstance(task, CorpusTask):  # its own protocol (NAB: a fresh model per file), run by `fit`
+        return Run(cfg, task, info, logger=build(cfg.logger, "logger") if cfg.logger else None)
     model = build(cfg.model, "model", input_size=task.input_size)
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
@@ -78,8 +84,6 @@ def prepare(cfg: DictConfig) -> Run:
     scheduler = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     module = PredictiveModule(task, model, rule, optimizer, cfg.learning.gradient_clip_val, scheduler)
 
-    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
-    info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
     settings = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("task", "model", "learning")}
     continual = [ContinualEvaluation(cfg.paths.output_dir)] if task.phases else []
     summary = RunSummary(cfg.paths.output_dir, info, settings, sources=[c.summary for c in continual])
@@ -93,12 +97,14 @@ def prepare(cfg: DictConfig) -> Run:
     datamodule.setup("fit")  # Lightning calls it again: the data modules read their data once
     if cfg.ckpt_path:
         check_checkpoint(cfg.ckpt_path, module, summary.run_info(trainer.world_size), trainer.world_size)
-    return Run(cfg, task, module, trainer, datamodule, summary, logger)
+    return Run(cfg, task, info, module, trainer, datamodule, summary, logger)
 
 
 def fit(run: Run) -> dict:
     """Fit and test; returns the summary, also in summary.json, whose `status` says how the run
     ended: completed, interrupted (SIGTERM or Ctrl-C; `signal` names it) or failed (`error`)."""
+    if isinstance(run.task, CorpusTask):
+        return run.task.run(run.cfg, run.info, run.logger)
     cfg, trainer, module, datamodule, summary = run.cfg, run.trainer, run.module, run.datamodule, run.summary
     if run.logger:
         run.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -147,7 +153,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(str(e))
     summary = fit(run)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        print(f"\nresults in {cfg.paths.output_dir}: summary.json, checkpoints/last.ckpt, plots (*.png)")
+        outputs = summary.get("outputs", "summary.json, checkpoints/last.ckpt, plots (*.png)")
+        print(f"\nresults in {cfg.paths.output_dir}: {outputs}")
         print(f"  status={summary['status']}, " + headline(summary))
     if summary["status"] == "interrupted":
         sys.exit(128 + signal.Signals[summary["signal"]])

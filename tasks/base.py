@@ -152,6 +152,25 @@ class Task(ABC):
         """Restore what `state_dict` returned."""
 
 
+class CorpusTask(ABC):
+    """A task that runs its own protocol instead of one Lightning fit: e.g. NAB, where every
+    file of a corpus is streamed through a fresh model (in worker processes) and scored
+    afterwards as a whole. `train.py` builds it from `configs/task/<name>.yaml` like any task
+    and hands it the whole config.
+
+    Validate settings and data in `__init__` (bad input fails before any long work starts).
+    """
+
+    input_size: int
+
+    @abstractmethod
+    def run(self, cfg, info: dict, logger=None) -> dict:
+        """Run the protocol with the models, rules and optimizer that `cfg.model`,
+        `cfg.learning.rule` and `cfg.optimizer` describe, write the outputs (summary.json at
+        least) into `cfg.paths.output_dir`, log to `logger` (a Lightning logger, or None) and
+        return the summary. `info`: task, learning, model and seed, for summary.json."""
+
+
 class StreamDataModule(L.LightningDataModule):
     """Base for a streaming task's data: an epoch is `num_chunks` chunks, each one batch of
     B streams x T steps; chunk i is a pure function of i (and the seed), so any chunk can be

@@ -152,7 +152,7 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self.write(trainer, pl_module)
-        log_images(trainer, pl_module.task.figures())
+        log_images(trainer.loggers, pl_module.task.figures())
 
     @staticmethod
     def logged(trainer) -> dict:
@@ -201,13 +201,13 @@ class RunSummary(L.Callback):
             path = self.output_dir / f"curve_{name}.png"
             save_figure(fig, path, dpi=100, bbox_inches="tight")
             plt.close(fig)
-            log_images(trainer, {f"curves/{name}": path})
+            log_images(trainer.loggers, {f"curves/{name}": path})
 
 
 @rank_zero_only
-def log_images(trainer, images: dict) -> None:
-    """Send image files `{key: path}` to the run's wandb loggers (the others take no images)."""
-    for logger in trainer.loggers:
+def log_images(loggers: list, images: dict) -> None:
+    """Send image files `{key: path}` to the wandb loggers among `loggers` (the others take no images)."""
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
             for key, path in images.items():
                 logger.log_image(key=key, images=[str(path)])

@@ -23,6 +23,7 @@ from predictive.harness.continual import draw_matrix
 from predictive.harness.files import save_figure, write_text
 
 KEYS = ("task", "learning", "model")
+VARIANT = "variant"  # a run's own label beside the three (e.g. NAB's raw-score row), when it has one
 HEADLINE = ("steps_per_second", "time_steps_per_second", "peak_memory_mb")
 CONTINUAL = ("average_accuracy", "forgetting", "backward_transfer", "forward_transfer")  # first when present
 
@@ -43,12 +44,19 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, dict]:
     runs = pd.DataFrame(rows)
     for key in KEYS:  # a summary.json without them (hand-made, an older run) still gets a row
         runs[key] = runs[key].fillna("?") if key in runs else "?"
+    if VARIANT in runs:
+        runs[VARIANT] = runs[VARIANT].fillna("")
     return runs, curves
+
+
+def keys(runs: pd.DataFrame) -> list[str]:
+    """What names a row: task, learning, model, and the variant where runs have one."""
+    return [*KEYS, VARIANT] if VARIANT in runs else list(KEYS)
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     """Numeric metrics: a continual run's first, throughput and memory last."""
-    numeric = [c for c in runs.columns if c not in (*KEYS, "seed", "run") and is_numeric(runs[c])]
+    numeric = [c for c in runs.columns if c not in (*keys(runs), "seed", "run") and is_numeric(runs[c])]
     first = [c for c in CONTINUAL if c in numeric]
     return first + [c for c in numeric if c not in (*HEADLINE, *first)] + [c for c in HEADLINE if c in numeric]
 
@@ -61,7 +69,7 @@ def is_numeric(column: pd.Series) -> bool:
 def table(runs: pd.DataFrame) -> pd.DataFrame:
     """mean +- std over runs (seeds) for each (task, learning, model)."""
     columns = metric_columns(runs)
-    grouped = runs.groupby(list(KEYS), sort=True)
+    grouped = runs.groupby(keys(runs), sort=True)
     out = grouped[columns].agg(lambda c: fmt(pd.to_numeric(c, errors="coerce")))
     out.insert(0, "runs", grouped.size())
     return out.reset_index()
@@ -89,7 +97,10 @@ def plot(runs: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = runs.assign(label=runs["learning"].astype(str) + "/" + runs["model"].astype(str))
+    label = runs["learning"].astype(str) + "/" + runs["model"].astype(str)
+    if VARIANT in runs:
+        label = label + runs[VARIANT].map(lambda v: f" ({v})" if v else "")
+    runs = runs.assign(label=label)
     labels = sorted(runs["label"].unique())
     written = []
     metrics = metric_columns(runs)
