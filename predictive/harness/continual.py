@@ -184,7 +184,7 @@ class ContinualEvaluation(L.Callback):
             "continual/matrix": plot_matrix(self.rows, self.names, out / "continual_matrix.png"),
             "continual/phases": plot_phases(self.initial, self.rows, self.names, out / "continual_phases.png"),
         }
-        log_images(trainer, images)
+        log_images(trainer.loggers, images)
 
 
 def _pyplot():
