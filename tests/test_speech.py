@@ -680,10 +680,11 @@ def test_train_py_runs_speech_with_spliced_frames_and_the_voiced_span(tmp_path, 
         "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=2",
         "task.voiced_threshold=0.5", "task.voiced_range_db=10", "task.noise_levels=[0.0]", "learning=local",
         "model.columns=256", "model.cells=4", "model.active_columns=16", "trainer.max_epochs=2", "optimizer.lr=0.01",
-        "logger=none", "scheduler=cosine", base=(),
+        "logger=none", "scheduler=cosine", "task.label_fraction=0.25", base=(),
     ))
     assert spans and all(s is not None and s.shape[1] == 2 for s in spans)
-    assert summary["test_accuracy"] == 1.0  # two tones: no excuse
+    assert summary["test_accuracy"] == 1.0  # two tones, a quarter of the labels: no excuse
+    assert summary["label_fraction"] == 0.25 and 0 < summary["labelled_clips"] < 40
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["last.ckpt"]  # one, not last-v1 too
     # The cosine schedule stepped once per epoch: 0.01 -> 0.005 -> 0, and its state is saved.
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -750,3 +751,63 @@ def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypat
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- label efficiency (task.label_fraction) ---------------------------------------------------
+
+
+def test_the_labelled_subset_is_stratified_seeded_and_keeps_every_class():
+    from tasks.speech.data import labelled_subset
+
+    labels = np.repeat([0, 1, 2], [50, 30, 4])
+    keep = labelled_subset(labels, 0.1, seed=0)
+    assert [int(keep[labels == c].sum()) for c in range(3)] == [5, 3, 1]  # round(0.1 n), at least one
+    assert np.array_equal(keep, labelled_subset(labels, 0.1, seed=0))
+    assert not np.array_equal(keep, labelled_subset(labels, 0.1, seed=1))
+    assert labelled_subset(labels, 1.0, seed=3).all()
+
+
+def test_withheld_labels_train_the_layers_under_local_and_leave_the_clips_out_otherwise(tmp_path):
+    from tasks.speech.data import UNLABELLED
+    from tasks.speech.task import SpeechTask
+
+    two_tones(tmp_path / "d", speakers=40)
+    common = dict(dataset="folder", root=tmp_path / "d", clip_seconds=0.5, n_mels=20, segments=2, batch_size=64,
+                  label_fraction=0.1, label_seed=0)
+    tasks = {kept: SpeechTask(**common, unlabelled_clips=kept) for kept in (True, False)}
+    sets = {}
+    for kept, task in tasks.items():
+        data = task.datamodule()
+        data.setup()
+        sets[kept] = data.sets["train"]
+    everything = SpeechTask(**{**common, "label_fraction": 1.0}).datamodule()
+    everything.setup()
+    n = len(everything.sets["train"])
+    assert len(sets[True]) == n and len(sets[False]) == int((sets[True].labels != UNLABELLED).sum())
+    assert 0.05 * n < len(sets[False]) < 0.15 * n
+    # The same clips keep their labels whether the others are kept or not.
+    known = sets[True].labels != UNLABELLED
+    assert torch.equal(sets[True].audio[known], sets[False].audio)
+    assert torch.equal(sets[True].labels[known], sets[False].labels)
+    assert sorted(set(sets[False].labels.tolist())) == [0, 1]
+    # A batch without a label gives a zero loss and no gradient; its clips count for no accuracy.
+    task = tasks[True]
+    logits = torch.randn(4, 2, requires_grad=True)
+    batch = {"label": torch.full((4,), UNLABELLED), "noise_level": torch.zeros(4, dtype=torch.long)}
+    loss = task.loss(logits, batch)
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
+    mixed = {"label": torch.tensor([0, UNLABELLED, 1, UNLABELLED]), "noise_level": torch.zeros(4, dtype=torch.long)}
+    assert task.loss(logits, mixed).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([0, 1])).item())
+    task.update_metrics("train", torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1]), 2).float(), mixed, None)
+    assert task.compute_metrics("train")["accuracy"] == 1.0  # the two labelled clips, both right
+    assert task.summary()["labelled_clips"] == len(sets[False])
+    from test_harness import config
+
+    from predictive.harness.settings import SettingError, check_settings
+
+    with pytest.raises(SettingError, match=r"task.label_fraction=0.0: "):
+        check_settings(config("out", "task=speech", "task.label_fraction=0.0", base=[]))
+    for learning, kept in (("local", True), ("frozen", False), ("backprop", False), ("hybrid", False)):
+        assert config("out", "task=speech", f"learning={learning}", base=[]).task.unlabelled_clips is kept

@@ -166,6 +166,7 @@ LEARNING = {
     "rule.local_loss_weight": number(0),
     "rule.local_layers": number(0, integer=True),
     "gradient_clip_val": number(0, low_open=True, null=True),
+    "learns_unlabelled": flag(),
     "layer.recall": flag(),  # what the mode needs of a temporal-memory model (configs/model/stack.yaml)
     "layer.fresh_steps": number(0, integer=True),
     "layer.initial_segments": choice("empty", "random"),

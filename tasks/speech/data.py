@@ -36,6 +36,21 @@ class ClipSet(Dataset):
         return {"audio": self.audio[i].float() / 32768.0, "label": self.labels[i], "noise_level": torch.tensor(0)}
 
 
+UNLABELLED = -1  # the label of a training clip whose label is withheld (task.label_fraction < 1)
+
+
+def labelled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A bool mask over `labels` (N,): round(fraction x n) clips of each class of n clips (at
+    least one), drawn with `seed`. It depends on the labels, fraction and seed alone, so every
+    learning mode and model gets the same labelled clips."""
+    keep = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keep[rng.permutation(members)[: max(1, round(fraction * len(members)))]] = True
+    return keep
+
+
 class EpochShuffle(RandomSampler):
     """A shuffle that depends on (seed, epoch) alone, as Lightning's DistributedSampler does
     under DDP (it replaces this one there): Lightning calls `set_epoch` before each epoch, so a
@@ -120,12 +135,19 @@ class SpeechData(L.LightningDataModule):
         noise_levels=(0.0,),
         noise_seed=0,
         output_dir=None,
+        label_fraction=1.0,
+        label_seed=0,
+        unlabelled_clips=False,
     ):
         super().__init__()
         self.clips, self.label_index, self.label_of = clips, label_index, label_of
         self.sample_rate, self.samples, self.batch_size = sample_rate, samples, batch_size
         self.skip_bad_files, self.noise_levels, self.noise_seed = skip_bad_files, noise_levels, noise_seed
         self.output_dir = output_dir
+        # Training clips whose labels are kept; the others are left out (unlabelled_clips false)
+        # or kept with the label UNLABELLED, for a model whose layers learn from the audio alone.
+        self.label_fraction, self.label_seed, self.unlabelled_clips = label_fraction, label_seed, unlabelled_clips
+        self.labelled_clips = None  # training clips with a label, once set up
         self.sets: dict[str, ClipSet] = {}
 
     def setup(self, stage=None):
@@ -140,11 +162,20 @@ class SpeechData(L.LightningDataModule):
             keep = [i for i, c in enumerate(self.clips) if c.split == split and audio[i] is not None]
             if not keep:
                 raise ValueError(f"the {split} split is empty; check task.dataset/task.split settings")
-            labels = [self.label_index[self.label_of(self.clips[i].word)] for i in keep]
-            self.sets[split] = ClipSet(torch.from_numpy(np.stack([audio[i] for i in keep])), torch.tensor(labels))
+            labels = np.array([self.label_index[self.label_of(self.clips[i].word)] for i in keep])
+            if split == "train" and self.label_fraction < 1:
+                labelled = labelled_subset(labels, self.label_fraction, self.label_seed)
+                if self.unlabelled_clips:
+                    labels[~labelled] = UNLABELLED
+                else:
+                    keep, labels = [i for i, known in zip(keep, labelled) if known], labels[labelled]
+            if split == "train":
+                self.labelled_clips = int(np.count_nonzero(labels != UNLABELLED))
+            self.sets[split] = ClipSet(torch.from_numpy(np.stack([audio[i] for i in keep])), torch.from_numpy(labels))
             for i in keep:
                 audio[i] = None  # held once, in the split's array
-            log.info("%s: %d clips", split, len(self.sets[split]))
+            log.info("%s: %d clips%s", split, len(self.sets[split]),
+                     f", {self.labelled_clips} labelled" if split == "train" and self.label_fraction < 1 else "")
 
     def report_bad(self, bad: list[str]):
         """Stop on bad files, naming them (up to MAX_LISTED), or with skip_bad_files leave them out

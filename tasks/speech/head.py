@@ -108,7 +108,8 @@ class SegmentPoolHead(nn.Module):
         if self.counting is not None:
             scores = self.counting(pooled)  # predicted before it learns from this batch
             if self.training and label is not None:
-                self.counting.learn(pooled, label)
+                known = label >= 0  # clips whose label is withheld (task.label_fraction) count for nothing
+                self.counting.learn(pooled[known], label[known])
             return scores
         if self.average and not self.training:
             return F.linear(pooled, self.average_weight, self.average_bias)

@@ -18,7 +18,7 @@ from . import datasets as ds
 from .audio import read_wav, resample
 from .augment import Augment
 from .continual import PhasedSpeechData, phase_of_clips
-from .data import SpeechData
+from .data import UNLABELLED, SpeechData
 from .features import LogMel, frame_energy, voiced_span
 from .head import SegmentPoolHead
 
@@ -113,6 +113,9 @@ class SpeechTask(Task):
         "head_average": number(0, 1, high_open=True),
         "noise_levels": each(number(0, 1)),
         "noise_seed": number(0, integer=True),
+        "label_fraction": number(0, 1, low_open=True),
+        "label_seed": number(0, integer=True),
+        "unlabelled_clips": flag(),
     }
 
     def __init__(
@@ -155,6 +158,9 @@ class SpeechTask(Task):
         batch_size=32,
         output_dir=None,
         continual=None,
+        label_fraction=1.0,
+        label_seed=0,
+        unlabelled_clips=False,
     ):
         self.samples = int(round(sample_rate * clip_seconds))
         self.root = ds.find_root(dataset, data_dir, root, download)
@@ -181,7 +187,7 @@ class SpeechTask(Task):
         else:
             self.classes = sorted({label_of(c.word) for c in clips})
         settings = ({c: i for i, c in enumerate(self.classes)}, label_of, sample_rate, self.samples, batch_size,
-                    skip_bad_files, noise_levels, noise_seed, output_dir)
+                    skip_bad_files, noise_levels, noise_seed, output_dir, label_fraction, label_seed, unlabelled_clips)
         if continual:  # phases by speaker or class groups (tasks/speech/continual.py)
             self.phases, groups = phase_of_clips(continual, clips, label_of)
             epochs = continual.get("epochs", 1)
@@ -208,6 +214,7 @@ class SpeechTask(Task):
         self.input_size = self.encoder.output_size
         self.segments, self.head_dropout, self.head_average = segments, head_dropout, head_average
         self.readout = readout
+        self.label_fraction = label_fraction
         self.cells_per_column = cells_per_column
         if voiced_threshold is not None and not (
             isinstance(voiced_threshold, (int, float)) and not isinstance(voiced_threshold, bool)
@@ -270,7 +277,10 @@ class SpeechTask(Task):
                 **labels}
 
     def loss(self, head_out, batch):
-        return F.cross_entropy(head_out, batch["label"])
+        labelled = batch["label"] != UNLABELLED  # all, unless task.label_fraction < 1 and task.unlabelled_clips
+        if not labelled.any():
+            return head_out.sum() * 0.0  # nothing to learn from: a zero loss, no gradient
+        return F.cross_entropy(head_out[labelled], batch["label"][labelled])
 
     def update_metrics(self, stage, head_out, batch, out):
         if stage in self._computed:  # a new epoch of this stage: start counting afresh
@@ -280,7 +290,7 @@ class SpeechTask(Task):
                 self._confusion.reset()
                 self._level_counts.zero_()
         preds, target = head_out.detach().argmax(-1), batch["label"]
-        clean = batch["noise_level"] == 0
+        clean = (batch["noise_level"] == 0) & (target != UNLABELLED)
         self._accuracy[stage] = self._accuracy[stage].to(preds.device)
         if clean.any():
             self._accuracy[stage].update(preds[clean], target[clean])
@@ -365,4 +375,9 @@ class SpeechTask(Task):
         keys = ("test_accuracy", "val_accuracy", "noise_score", "noise_accuracy_by_level")
         if self.phases:  # a continual run's "val" stage is its held-out evaluation: in accuracy_matrix
             keys = tuple(k for k in keys if k != "val_accuracy")
-        return {k: self._results.get(k) for k in keys} | {"classes": self.classes, "split": self.split}
+        labels = {}
+        if self.label_fraction < 1:
+            phases = getattr(self._data, "phases", [self._data])
+            labelled = sum(d.labelled_clips or 0 for d in phases)
+            labels = {"label_fraction": self.label_fraction, "labelled_clips": labelled}
+        return {k: self._results.get(k) for k in keys} | {"classes": self.classes, "split": self.split} | labels
