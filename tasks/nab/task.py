@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from predictive.harness.files import atomic_write, write_json
+from predictive.harness.settings import COUNT, FRACTION, UNIT, choice, flag, number
 from tasks.base import CorpusTask
 from tasks.nab import corpus
 from tasks.nab.detector import Settings, detect, encoder_for
@@ -39,6 +40,16 @@ from tasks.nab.scoring import PROFILES, SUMMARY_KEYS, probation_length, score_co
 
 PLOTS = ("realKnownCause/nyc_taxi.csv", "realKnownCause/machine_temperature_system_failure.csv",
          "realAWSCloudwatch/ec2_cpu_utilization_5f5533.csv", "artificialWithAnomaly/art_daily_jumpsup.csv")
+
+
+def _detector_name(value, get):
+    return None if value is None or re.fullmatch(r"[A-Za-z0-9]+", str(value)) else (
+        "letters and digits (NAB splits names on '_') or null")
+
+
+def _file_names(value, get):
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return None if ok else "a list of the corpus's files, <group>/<name>.csv"
 
 
 class NabTask(CorpusTask):
@@ -61,6 +72,29 @@ class NabTask(CorpusTask):
             rules that learn by it (local, hybrid).
         plots: files to draw.
     """
+
+    settings = {
+        "download": flag(),
+        "skip_bad": flag(),
+        "detector": _detector_name,
+        "score": choice("likelihood", "raw"),
+        "records": number(10, integer=True, null=True),
+        "workers": COUNT,
+        "clock_change_minutes": number(0),
+        "plots": _file_names,
+        "chunk": number(1, integer=True, null=True),
+        "value_size": COUNT,
+        "value_active": number(1, "value_size", integer=True),
+        **{f"{key}_size": number(0, integer=True) for key in ("time", "day")},
+        **{f"{key}_active": COUNT for key in ("time", "day")},
+        "value_margin": number(0),
+        "raw": choice("auto", "columns", "error"),
+        "ensemble": COUNT,
+        "hebbian.initial_permanence": FRACTION,
+        "hebbian.predicted_decrement": UNIT,
+        "spatial_tolerance": number(0, null=True),
+        **{key: COUNT for key in ("averaging", "history", "reestimate")},
+    }
 
     def __init__(self, data_dir="data", root=None, download=False, detector=None, score="likelihood", files=None,
                  records=None, workers=2, skip_bad=False, clock_change_minutes=60, spatial_tolerance=0.05,

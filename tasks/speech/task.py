@@ -20,7 +20,7 @@ from .augment import Augment
 from .continual import PhasedSpeechData, phase_of_clips
 from .data import UNLABELLED, SpeechData
 from .features import LogMel, frame_energy, voiced_span
-from .head import SegmentPoolHead
+from .head import READOUTS, SegmentPoolHead
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class SpeechTask(Task):
         "head_average": number(0, 1, high_open=True),
         "noise_levels": each(number(0, 1)),
         "noise_seed": number(0, integer=True),
+        "readout": choice(*READOUTS),
         "label_fraction": number(0, 1, low_open=True),
         "label_seed": number(0, integer=True),
         "unlabelled_clips": flag(),
