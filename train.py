@@ -76,7 +76,7 @@ def prepare(cfg: DictConfig) -> Run:
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
     if isinstance(task, CorpusTask):  # its own protocol (NAB: a fresh model per file), run by `fit`
-        return Run(cfg, task, info, logger=build(cfg.logger, "logger") if cfg.logger else None)
+        return Run(cfg, task, info, logger=build(cfg.logger, "logger") if cfg.get("logger") else None)
     model = build(cfg.model, "model", input_size=task.input_size)
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
@@ -87,7 +87,7 @@ def prepare(cfg: DictConfig) -> Run:
     settings = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("task", "model", "learning")}
     continual = [ContinualEvaluation(cfg.paths.output_dir)] if task.phases else []
     summary = RunSummary(cfg.paths.output_dir, info, settings, sources=[c.summary for c in continual])
-    logger = build(cfg.logger, "logger") if cfg.logger else False
+    logger = build(cfg.logger, "logger") if cfg.get("logger") else False
     callbacks = [build(cfg.checkpoint, "checkpoint"), summary, *continual]  # after the summary: not timed
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(build(cfg.progress_bar, "progress_bar"))
