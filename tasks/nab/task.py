@@ -102,8 +102,8 @@ class NabTask(CorpusTask):
         unknown = sorted(set(detector_settings) - set(Settings.__dataclass_fields__))
         if unknown:
             raise ValueError(f"task: unknown settings {', '.join(unknown)}")
-        if detector is not None and not re.fullmatch(r"[A-Za-z0-9]+", str(detector)):
-            raise ValueError(f"task.detector must be letters and digits (NAB splits names on '_'), got {detector!r}")
+        if _detector_name(detector, None):
+            raise ValueError(f"task.detector must be {_detector_name(detector, None)}, got {detector!r}")
         if score not in ("likelihood", "raw"):
             raise ValueError(f"task.score must be 'likelihood' or 'raw', got {score!r}")
         if not isinstance(workers, int) or workers < 1:
