@@ -21,6 +21,29 @@ from predictive.memory import LayerStep, TemporalMemory
 from predictive.sparse import check_flags
 
 
+def entries(mask: torch.Tensor, capacity: int, fixed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The true entries of `mask` (B, G), at most `capacity` per row, as flat lists row by row:
+    (rows, columns, valid). `fixed`: of length B x min(capacity, G) whatever the mask holds,
+    padded with invalid entries, so that how many there are is never read on the host (no
+    sync on a GPU); else just the true entries (`nonzero`: cheaper on a CPU)."""
+    if not fixed:
+        rows, columns = mask.nonzero(as_tuple=True)
+        return rows, columns, torch.ones_like(rows, dtype=torch.bool)
+    b, g = mask.shape
+    if capacity >= g:
+        columns, valid = torch.arange(g, device=mask.device).expand(b, g), mask
+    else:
+        valid, columns = mask.to(torch.uint8).topk(capacity, dim=-1)
+    rows = torch.arange(b, device=mask.device).unsqueeze(1).expand_as(columns)
+    return rows.reshape(-1), columns.reshape(-1), valid.reshape(-1).bool()
+
+
+def segments_in(segments: torch.Tensor, valid: torch.Tensor, seg) -> torch.Tensor:
+    """(G,) bool: the segments named by the `valid` entries of the list `segments`."""
+    counts = torch.zeros(seg.permanence.shape[0], dtype=torch.long, device=segments.device)
+    return counts.index_add_(0, segments, valid.long()) > 0
+
+
 @dataclass
 class PredictiveHebbian:
     """HTM-style local updates of a temporal-memory layer, from what it saw at t-1 and t
@@ -56,6 +79,10 @@ class PredictiveHebbian:
       synapse counting as `connected_grace` steps younger: links seen once and never again
       go before established ones of about the same age (with many streams such links come
       many times faster than any stream's sequences recur).
+    - `fixed_shapes`: the segments that learn are listed in lists of fixed length, padded
+      (True), or as found (False: `nonzero`, which reads their number on the host). The same
+      updates either way; fixed shapes never wait for a GPU, the lists as found are cheaper on
+      a CPU. None: fixed on every device but the CPU.
     """
 
     permanence_increment: float = 0.12
@@ -70,6 +97,7 @@ class PredictiveHebbian:
     decoder_bias: bool = False
     feedforward_rate: float = 0.0
     connected_grace: int = 30
+    fixed_shapes: bool | None = None
 
     def __post_init__(self):
         rates = ("permanence_increment", "permanence_decrement", "predicted_decrement", "burst_decrement")
@@ -85,6 +113,12 @@ class PredictiveHebbian:
         if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
             raise ValueError(f"connected_grace must be an integer >= 0, got {self.connected_grace!r}")
         check_flags(grow_predicted=self.grow_predicted, decoder_bias=self.decoder_bias)
+        if self.fixed_shapes is not None:
+            check_flags(fixed_shapes=self.fixed_shapes)
+
+    def fixed(self, x: torch.Tensor) -> bool:
+        """Does a step on `x`'s device list what learns in lists of fixed length (`fixed_shapes`)?"""
+        return self.fixed_shapes if self.fixed_shapes is not None else x.device.type != "cpu"
 
     def check(self, layer: TemporalMemory) -> None:
         """Raise ValueError if the rule cannot train `layer`: a segment grows at most
@@ -104,6 +138,9 @@ class PredictiveHebbian:
             self.learn_feedforward(layer, step)
 
     def learn_segments(self, layer: TemporalMemory, step: LayerStep) -> None:
+        """Fixed shapes throughout, whatever learns: the step never reads a tensor value on the
+        host (no sync on a GPU). A stream with nothing active at t-1 (after a reset) has no
+        overlaps, so none of its segments learns or grows."""
         self.check(layer)
         seg, prev = layer.segments, step.prev
         b, c, m, s = step.x.shape[0], layer.columns, layer.cells_per_column, seg.num_segments
@@ -112,10 +149,7 @@ class PredictiveHebbian:
         # Drawn at every step, used or not, so that the random stream does not depend on what
         # was learned (predictive.fused draws a chunk's numbers at once).
         sample_noise = torch.rand(prev_winners.shape, device=prev_winners.device)
-        if not prev_active.any():
-            return  # first step after a reset: no context to learn from
         potential = prev.potential_overlap  # (B, N, S)
-        version = seg.permanence._version
 
         # Segments that predicted a winner of a column that is now active (and not novel).
         predicted_cell = (step.winners.view(b, c, m) & ~step.novel.unsqueeze(-1)).view(b, -1, 1)
@@ -135,74 +169,81 @@ class PredictiveHebbian:
         own = torch.where((prev.diverted > 0).unsqueeze(-1), prev.context_predicted > 0, True)
         wrong = (wrong & own.unsqueeze(-1)).view(b, -1)
 
-        learning = learning.view(b, -1)
-        self.adapt(seg, prev_active, learning, self.permanence_increment, -self.permanence_decrement)
+        # Only cells of active columns learn: at most `active` x M x S segments per stream, and
+        # one new segment per active column. How many segments failed has no such bound.
+        fixed = self.fixed(step.x)
+        active = max(layer.k, layer.kwinners.k_inference)
+        learn = entries(learning.view(b, -1), active * m * s, fixed)
+        self.adapt(seg, prev_active, learn, self.permanence_increment, -self.permanence_decrement)
         decrement = torch.where(prev.anomaly > 0, self.burst_decrement, self.predicted_decrement)
-        wrong_rows = self.adapt(seg, prev_active, wrong, -decrement, 0.0)
+        self.adapt(seg, prev_active, entries(wrong, wrong.shape[1], fixed), -decrement, 0.0)
 
-        new_b, new_cell_idx = new_cell.nonzero(as_tuple=True)
+        new_b, new_cell_idx, new_valid = entries(new_cell, active, fixed)
         # The least recently learned slot of each new winner (an established segment counted
         # `connected_grace` steps younger) becomes a fresh segment.
         age = seg.last_learned.view(-1, s)[new_cell_idx]  # (K, S)
         established = (seg.permanence.view(-1, s, seg.synapses)[new_cell_idx] >= seg.connected_permanence).any(-1)
         slots = (age + self.connected_grace * established).argmin(-1)
         new_segment = new_cell_idx * s + slots
-        seg.permanence[new_segment] = 0.0
+        seg.permanence.masked_fill_(segments_in(new_segment, new_valid, seg).unsqueeze(-1), 0.0)
         # Grow towards the previous winners up to `new_synapses` synapses onto active cells:
         # a segment already fully matched by a burst grows nothing, so contexts stay apart.
-        learn_b, learn_segment = learning.nonzero(as_tuple=True)
+        learn_b, learn_segment, learn_valid = learn
         missing = self.new_synapses - potential.view(b, -1)[learn_b, learn_segment]
         if not self.grow_predicted:
             burst_segment = torch.zeros_like(potential, dtype=torch.bool).scatter_(-1, best, matched_cell.unsqueeze(-1))
             missing = torch.where(burst_segment.view(b, -1)[learn_b, learn_segment], missing, 0)
         missing = torch.cat([missing, torch.full_like(slots, self.new_synapses, dtype=missing.dtype)])
         grow_b, grow_segment = torch.cat([learn_b, new_b]), torch.cat([learn_segment, new_segment])
-        self.grow(seg, prev_winners, sample_noise, grow_b, grow_segment, missing.clamp(min=0).long())
-        seg.last_learned[grow_segment] = layer.learning_steps
-        # Every reinforced segment is in grow_segment (some grow nothing), so these are all.
-        seg.synapse_masks(torch.cat([wrong_rows, grow_segment]).unique(), since=version)
+        grow_valid = torch.cat([learn_valid, new_valid])
+        self.grow(seg, prev_winners, sample_noise, grow_b, grow_segment, missing.clamp(min=0).long() * grow_valid)
+        # Every reinforced segment is in grow_segment (some grow nothing).
+        grown = segments_in(grow_segment, grow_valid, seg)
+        seg.last_learned.copy_(torch.where(grown, layer.learning_steps, seg.last_learned))
 
     @staticmethod
-    def adapt(seg, prev_active, segments_mask, active_delta, inactive_delta: float) -> torch.Tensor:
+    def adapt(seg, prev_active, listed, active_delta, inactive_delta: float) -> None:
         """Add `active_delta` (a float or one per stream) to the potential synapses of the
-        masked segments whose presynaptic cell was active, `inactive_delta` to the others.
-        Returns the segments changed."""
-        bi, gi = segments_mask.nonzero(as_tuple=True)
-        if gi.numel() == 0:
-            return gi
+        `listed` segments (`entries`) whose presynaptic cell was active, `inactive_delta` to
+        the others. A segment listed by several streams adds their changes in stream order."""
+        bi, gi, valid = listed
         perm = seg.permanence
         if torch.is_tensor(active_delta):
             active_delta = active_delta[bi].unsqueeze(1)
         was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
-        delta = torch.where(was_active, active_delta, inactive_delta) * (perm[gi] > 0)
-        # Row-wise on the touched segments only: index_add_ and a full clamp_ cost milliseconds
-        # per step on a busy CPU, this costs microseconds.
+        delta = torch.where(was_active, active_delta, inactive_delta) * ((perm[gi] > 0) & valid.unsqueeze(1))
         perm.index_put_((gi,), delta.to(perm.dtype), accumulate=True)
-        rows = gi.unique()
-        perm[rows] = perm[rows].clamp(0.0, 1.0)
-        return rows
+        perm.clamp_(0.0, 1.0)
 
     def grow(self, seg, prev_winners, noise, bi, gi, missing) -> None:
         """Point up to `missing` weakest synapses of each segment at winners of t-1 that it
-        does not reach yet, at the initial permanence; `noise` (B, N) in [0, 1) picks which."""
-        if gi.numel() == 0 or not prev_winners.any():
-            return
+        does not reach yet, at the initial permanence; `noise` (B, N) in [0, 1) picks which.
+        Where two streams pick one synapse, the later stream's winner takes it."""
         k = self.new_synapses
         # A random sample of k winners per stream (fewer when fewer won).
         scores = prev_winners.to(seg.permanence.dtype) * noise
         sample_score, sample = scores.topk(k, dim=-1)
         candidates, valid = sample[bi], sample_score[bi] > 0  # (P, k)
-        perm = seg.permanence
-        present = (seg.presynaptic[gi].unsqueeze(-1) == candidates.unsqueeze(1)) & (perm[gi] > 0).unsqueeze(-1)
+        perm, presynaptic = seg.permanence, seg.presynaptic
+        present = (presynaptic[gi].unsqueeze(-1) == candidates.unsqueeze(1)) & (perm[gi] > 0).unsqueeze(-1)
         valid &= ~present.any(1)
         rank = valid.long().cumsum(-1) - 1
         take = valid & (rank < missing.unsqueeze(-1))
         weakest = perm[gi].argsort(dim=-1, stable=True)  # (P, F): empty slots (0) first
-        slot = weakest.gather(-1, rank.clamp(min=0))
-        rows = gi.unsqueeze(-1).expand_as(candidates)[take]
-        cols = slot[take]
-        seg.presynaptic[rows, cols] = candidates[take]
-        perm[rows, cols] = self.initial_permanence
+        synapse = gi.unsqueeze(-1) * seg.synapses + weakest.gather(-1, rank.clamp(min=0))  # (P, k), flat
+        # Of the writes to one synapse the last wins (as an indexed assignment in order would):
+        # each write's position and cell in one key, the largest key per synapse. Every write
+        # then stores that synapse's outcome, so that the order of writes does not matter.
+        cells = seg.presynaptic_cells
+        order = torch.arange(take.numel(), device=take.device).view_as(take)
+        key = torch.where(take, order * cells + candidates, -1).view(-1)
+        synapse = synapse.view(-1)
+        last = torch.full((perm.numel(),), -1, dtype=key.dtype, device=key.device)
+        last = last.scatter_reduce_(0, synapse, key, "amax")[synapse]
+        grown = last >= 0
+        flat_presynaptic, flat_perm = presynaptic.view(-1), perm.view(-1)
+        flat_presynaptic.index_put_((synapse,), torch.where(grown, last % cells, flat_presynaptic[synapse]))
+        flat_perm.index_put_((synapse,), torch.where(grown, self.initial_permanence, flat_perm[synapse]))
 
     @torch.no_grad()
     def learn_decoder(self, layer: TemporalMemory, step: LayerStep) -> None:
@@ -219,16 +260,14 @@ class PredictiveHebbian:
             columns = step.columns.to(step.x.dtype)  # (B, C)
             self.delta_rule(layer, columns, step.x - layer.decode(columns), self.decoder_code_rate)
 
-    @staticmethod
     @torch.no_grad()
-    def delta_rule(layer: TemporalMemory, columns: torch.Tensor, error: torch.Tensor, rate: float) -> torch.Tensor:
+    def delta_rule(self, layer: TemporalMemory, columns: torch.Tensor, error: torch.Tensor, rate: float):
         """Add each stream's `error` (B, D), scaled by rate / (its active columns + 1) and
-        averaged over the streams, to the decoder weights of its `columns` (B, C). Only the
-        weights of columns active in some stream change: a few of C. Returns the scaled error."""
+        averaged over the streams, to the decoder weights of its `columns` (B, C): the rows of
+        columns active in some stream (all rows, with `fixed_shapes`). Returns the scaled error."""
         scaled = error * (rate / (columns.sum(-1, keepdim=True) + 1.0)) / error.shape[0]
-        used = columns.any(0).nonzero().squeeze(1)
-        if used.numel():
-            layer.decoder_rows.index_add_(0, used, columns.index_select(1, used).t() @ scaled)
+        _, used, _ = entries(columns.any(0, keepdim=True), columns.shape[1], self.fixed(columns))
+        layer.decoder_rows.index_add_(0, used, columns.index_select(1, used).t() @ scaled)
         return scaled
 
     @torch.no_grad()

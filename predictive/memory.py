@@ -231,7 +231,7 @@ class TemporalMemory(nn.Module):
         predicted = torch.where(narrow, predicted * context, predicted)
         column_predicted = predicted.amax(-1)
         bursting = columns & (column_predicted.detach() == 0)
-        if self.first_order_fallback and bursting.any():
+        if self.first_order_fallback:
             predicted = predicted + self.fallback(state, bursting)
             column_predicted = predicted.amax(-1)
         # Predicted cells fire; an active column with no predicted cell bursts: its fallback
@@ -288,7 +288,7 @@ class TemporalMemory(nn.Module):
         tie_break = torch.rand(b, c, m, device=best.device)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, least_used)
-        new_winner = F.one_hot(chosen, m).bool() & novel.unsqueeze(-1)
+        new_winner = (chosen.unsqueeze(-1) == torch.arange(m, device=chosen.device)) & novel.unsqueeze(-1)
         return (predicted | new_winner).view(b, -1), matched, novel
 
     def predict(self, step: LayerStep) -> LayerState:
@@ -315,31 +315,29 @@ class TemporalMemory(nn.Module):
         known = carried | through_burst
         matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
         predicted_columns = column_activity(predicted, self.cells_per_column)
-        fired_potential = potential  # a known context's winners replace it below
-        if known.any():
-            with torch.no_grad():
-                winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
-            by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
-            context = torch.where(known.unsqueeze(-1), by_winners, context)
-            potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
-            if self.recall:
-                # A known context *recalls* what followed it: the decoded prediction is the
-                # columns its winners' segments match (connected or not) rather than the
-                # burst's union, so a context seen once is predicted right when it comes again,
-                # a pass before its links connect; winners that recall nothing yet recall the
-                # fired cells' fresh links (`seen_once`). Forward values only: the gradient is the union's.
-                matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
-                recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
-                recalled = known & (recalled_columns > 0).any(-1)
-                once_only = known & ~recalled
-                if once_only.any():  # only winners that recall nothing look at the fired cells' links
-                    once_columns = self.seen_once(fired_potential, predicted.detach())
-                    once_only &= (once_columns > 0).any(-1)
-                    recalled_columns = torch.where(once_only.unsqueeze(-1), once_columns, recalled_columns)
-                    recalled = recalled | once_only
-                recalled = recalled.unsqueeze(-1)
-                predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
-                                                predicted_columns)
+        # Computed for every stream, known context or not, and selected by `known`: the step
+        # never reads a tensor value on the host (no sync on a GPU), whatever the data.
+        with torch.no_grad():
+            winner_active, winner_potential = self.segments.overlaps(step.winners.to(step.cells.dtype))
+        by_winners = (winner_active.amax(-1) >= self.activation_threshold).to(context.dtype)
+        fired_potential = potential
+        context = torch.where(known.unsqueeze(-1), by_winners, context)
+        potential = torch.where(known.view(-1, 1, 1), winner_potential, potential)
+        if self.recall:
+            # A known context *recalls* what followed it: the decoded prediction is the columns
+            # its winners' segments match (connected or not) rather than the burst's union, so a
+            # context seen once is predicted right when it comes again, a pass before its links
+            # connect; winners that recall nothing yet recall the fired cells' fresh links
+            # (`seen_once`). Forward values only: the gradient is the union's.
+            matching = (winner_potential.amax(-1) >= self.matching_threshold).to(context.dtype)
+            recalled_columns = column_activity(torch.maximum(matching, by_winners), self.cells_per_column)
+            recalled = known & (recalled_columns > 0).any(-1)
+            once_columns = self.seen_once(fired_potential, predicted.detach())
+            once_only = known & ~recalled & (once_columns > 0).any(-1)
+            recalled_columns = torch.where(once_only.unsqueeze(-1), once_columns, recalled_columns)
+            recalled = (recalled | once_only).unsqueeze(-1)
+            predicted_columns = torch.where(recalled, straight_through(recalled_columns, predicted_columns),
+                                            predicted_columns)
         return LayerState(
             cells=step.cells,
             winners=step.winners.to(step.cells.dtype),
@@ -369,13 +367,9 @@ class TemporalMemory(nn.Module):
         return column_activity(once.to(predicted.dtype), self.cells_per_column)
 
     def decode(self, predicted_columns: torch.Tensor) -> torch.Tensor:
-        """The predicted columns (B, C) decoded into input space (B, D). Without gradients only
-        the few predicted columns' weights are read, instead of a full matrix product."""
-        if torch.is_grad_enabled() and (predicted_columns.requires_grad or self.decoder_rows.requires_grad):
-            return self.decoder(predicted_columns)
-        used = predicted_columns.any(0).nonzero().squeeze(1)
-        rows = self.decoder_rows.index_select(0, used)  # (used, D)
-        return torch.addmm(self.decoder.bias, predicted_columns.index_select(1, used), rows)
+        """The predicted columns (B, C) decoded into input space (B, D): nn.Linear's product
+        on the stored rows (`ColumnRows`), without building the transposed weight."""
+        return torch.addmm(self.decoder.bias, predicted_columns, self.decoder_rows)
 
     def soft_threshold(self, overlap: torch.Tensor) -> torch.Tensor:
         """1 where overlap >= activation_threshold (forward), sigmoid slope for the gradient."""
@@ -399,7 +393,7 @@ class TemporalMemory(nn.Module):
         target = step.winners.to(p.dtype)
         segment_loss = F.binary_cross_entropy(p, target, reduction="sum") / (b * self.k)
         predicted_columns = p.view(b, self.columns, -1).amax(-1)
-        decoder_loss = F.mse_loss(self.decoder(predicted_columns), step.x.detach())
+        decoder_loss = F.mse_loss(self.decode(predicted_columns), step.x.detach())
         return segment_loss + decoder_loss
 
     def extra_repr(self) -> str:

@@ -67,6 +67,7 @@ def assert_same_run(torch_run, fused_run):
             assert torch.equal(value, fused_state[name]), name
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True])
 @pytest.mark.parametrize(
     "batch, layer, rule",
     [
@@ -78,7 +79,8 @@ def assert_same_run(torch_run, fused_run):
         ),
     ],
 )
-def test_fused_chunks_are_the_torch_steps(batch, layer, rule):
+def test_fused_chunks_are_the_torch_steps(batch, layer, rule, fixed_shapes):
+    rule = dict(rule, fixed_shapes=fixed_shapes)  # the torch steps' two ways of listing what learns
     x = high_order_stream(batch, 400)
     reset = torch.zeros(batch, 400, dtype=torch.bool)
     reset[0, [0, 130, 131, 260]] = True  # a reset in one stream only, twice in a row once
@@ -105,7 +107,7 @@ def case(seed: int) -> dict:
         new_synapses=new_synapses, connected_grace=r.choice([0, 2, 30]), decoder_code_rate=r.choice([0.0, 0.5]),
         decoder_bias=r.random() < 0.5, grow_predicted=r.random() < 0.3, burst_decrement=r.choice([0.0, 0.05]),
         predicted_decrement=r.choice([0.0, 0.08]), permanence_increment=r.choice([0.12, 0.3]),
-        initial_permanence=r.choice([0.45, 0.6]),
+        initial_permanence=r.choice([0.45, 0.6]), fixed_shapes=r.random() < 0.5,
     )
     return dict(layer=layer, rule=rule, batch=r.choice([1, 4]), layers=r.choice([1, 2]), evaluate=r.random() < 0.3,
                 stream=r.randrange(1000))
@@ -162,11 +164,12 @@ def test_the_cases_cover_every_setting():
     cases = [{**c["layer"], **c["rule"], **c} for c in map(case, range(CASES))]
     for name in ("recall", "fresh_steps", "boost_strength", "connected_permanence", "segments", "synapses",
                  "activation_threshold", "matching_threshold", "connected_grace", "decoder_code_rate",
-                 "decoder_bias", "grow_predicted", "burst_decrement", "batch", "layers", "evaluate"):
+                 "decoder_bias", "grow_predicted", "burst_decrement", "batch", "layers", "evaluate", "fixed_shapes"):
         assert len({c[name] for c in cases}) > 1, name
     assert {c["fresh_steps"] > 0 for c in cases} == {c["connected_grace"] > 0 for c in cases} == {False, True}
     assert {(c["layers"], c["batch"]) for c in cases} == {(1, 1), (1, 4), (2, 1), (2, 4)}
     assert {(c["evaluate"], c["batch"]) for c in cases} == {(False, 1), (False, 4), (True, 1), (True, 4)}
+    assert {(c["fixed_shapes"], c["batch"]) for c in cases} == {(False, 1), (False, 4), (True, 1), (True, 4)}
 
 
 @pytest.mark.parametrize("seed", range(CASES))
