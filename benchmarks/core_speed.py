@@ -1,6 +1,6 @@
 """Speed and memory of one temporal-memory layer, local vs backprop, beside torch's LSTM.
 
-    python benchmarks/core_speed.py                 # 2048 columns x 16 cells, batch 1 and 64
+    python benchmarks/core_speed.py                 # 2048 columns x 16 cells, batch 1, 64 and 256
     python benchmarks/core_speed.py --columns 512 --cells 8 --steps 50
     python benchmarks/core_speed.py --device cuda   # speed on a GPU (the memory part is CPU-only)
 
@@ -10,7 +10,11 @@ so the memory comparison uses a small layer by default (--memory-columns, --memo
 Prints time steps per second (one step = one element of every stream in the batch) and
 stream-steps per second, and the peak resident memory of a chunk of T=100 vs T=2000 steps in
 each mode, each measured in a fresh process. Modes: local (compiled chunks, predictive.fused,
-the default on a CPU), local-torch (the same rule as torch ops, step by step) and backprop.
+the default on a CPU), local-torch (the same rule as torch ops, step by step: what runs on a
+GPU, with lists of fixed shape there) and backprop. On a CPU local-torch is timed up to batch
+64 (--torch-batch). The last line counts the host reads per time step of the torch steps with
+fixed shapes, learning and inference (torch profiler: nonzero, unique, item, is_nonzero):
+`syncs_per_step local=<n> inference=<n>`.
 The torch overlap step visits every synapse slot whatever the permanences; the learning step
 depends on how many segments learn, so the local layers are timed after `--warmup` steps of
 the same kind of input, and the backprop layer starts from random synapses, as the rule
@@ -25,6 +29,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from predictive.baselines import LSTMModel
 from predictive.learning import build
@@ -48,10 +53,23 @@ def make_stack(args, mode, device="cpu"):
 MODES = ("local", "local-torch", "backprop")  # local: compiled chunks (predictive.fused); local-torch: torch steps
 
 
-def make_rule(mode):
+def make_rule(mode, fixed_shapes=None):
     if mode.startswith("local"):
-        return build("local", new_synapses=20, fused=mode == "local")
+        return build("local", new_synapses=20, fused=mode == "local", fixed_shapes=fixed_shapes)
     return build(mode)
+
+
+HOST_READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item")
+
+
+def syncs_per_step(stack, rule, args, steps=5):
+    """Host reads per time step of a chunk of the torch steps (rule None: inference)."""
+    device = next(stack.parameters()).device
+    x = sdr_inputs(2, steps, args.input_size).to(device)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        stack(x, stack.initial_state(2, device), learning=rule)
+    reads = [e for e in prof.events() if e.name in HOST_READS or e.name.startswith("aten::unique")]
+    return len(reads) / steps
 
 
 def sdr_inputs(batch, steps, width, on=20, vocabulary=50):
@@ -131,7 +149,9 @@ def main():
     p.add_argument("--synapses", type=int, default=32)
     p.add_argument("--input-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20, help="time steps timed per configuration")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--torch-batch", type=int, default=64, help="on a CPU, the largest batch local-torch is timed at")
+    p.add_argument("--lstm-hidden", type=int, default=1024, help="the LSTM's width (the baseline)")
     p.add_argument("--warmup", type=int, default=200, help="steps the local layer learns before it is timed")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (train.py's default is 1)")
     p.add_argument("--memory-columns", type=int, default=128, help="layer size for the T=100 vs T=2000 memory run")
@@ -147,29 +167,31 @@ def main():
 
     stacks = {mode: make_stack(args, mode, args.device) for mode in MODES}
     synapses = stacks["local"][0].layers[0].segments.permanence.numel()
-    lstm = LSTMModel(args.input_size, hidden_size=1024).to(args.device)
+    lstm = LSTMModel(args.input_size, hidden_size=args.lstm_hidden).to(args.device)
     print(f"layer: {args.columns} columns x {args.cells} cells, {args.segments} segments x {args.synapses} "
           f"synapses ({synapses / 1e6:.1f} M synapse slots), input {args.input_size}; torch threads "
-          f"{torch.get_num_threads()}; device {args.device}; baseline: LSTM, 1024 hidden units")
+          f"{torch.get_num_threads()}; device {args.device}; baseline: LSTM, {args.lstm_hidden} hidden units")
     print(f"{'batch':>5} {'mode':>11} {'steps/s':>9} {'stream-steps/s':>15} {'LSTM steps/s':>13} {'ratio':>7}")
     for batch in args.batches:
         lstm_rate = speed(lstm, make_rule("backprop"), batch, args.steps, args)
-        rates = {}
         for mode, (stack, rule) in stacks.items():
-            rates[mode] = rate = speed(stack, rule, batch, args.steps, args)
+            if mode == "local-torch" and args.device == "cpu" and batch > args.torch_batch:
+                continue
+            rate = speed(stack, rule, batch, args.steps, args)
             ratio = rate / lstm_rate
             print(f"{batch:>5} {mode:>11} {rate:>9.1f} {rate * batch:>15.1f} {lstm_rate:>13.1f} {ratio:>7.3f}")
-        print(f"{batch:>5} local (compiled) / local-torch: {rates['local'] / rates['local-torch']:.2f}x")
 
-    if args.device != "cpu":
-        return
-    print(f"\npeak memory of one chunk, batch 1, {args.memory_columns} columns x {args.memory_cells} cells "
-          "(resident MB above the model; fresh process each)")
-    print(f"{'mode':>9} {'T=100':>9} {'T=2000':>9} {'ratio':>7}")
-    for mode in ("local", "backprop"):
-        short, long = peak_memory(args, mode, 100), peak_memory(args, mode, 2000)
-        ratio = long["chunk_mb"] / max(short["chunk_mb"], 1.0)
-        print(f"{mode:>9} {short['chunk_mb']:>9.1f} {long['chunk_mb']:>9.1f} {ratio:>7.1f}")
+    if args.device == "cpu":
+        print(f"\npeak memory of one chunk, batch 1, {args.memory_columns} columns x {args.memory_cells} cells "
+              "(resident MB above the model; fresh process each)")
+        print(f"{'mode':>9} {'T=100':>9} {'T=2000':>9} {'ratio':>7}")
+        for mode in ("local", "backprop"):
+            short, long = peak_memory(args, mode, 100), peak_memory(args, mode, 2000)
+            ratio = long["chunk_mb"] / max(short["chunk_mb"], 1.0)
+            print(f"{mode:>9} {short['chunk_mb']:>9.1f} {long['chunk_mb']:>9.1f} {ratio:>7.1f}")
+    stack = stacks["local-torch"][0]
+    local = syncs_per_step(stack, make_rule("local-torch", fixed_shapes=True), args)
+    print(f"syncs_per_step local={local:g} inference={syncs_per_step(stack, None, args):g}")
 
 
 if __name__ == "__main__":

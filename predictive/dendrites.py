@@ -165,15 +165,18 @@ class DistalSegments(nn.Module):
         return overlap[0].view(shape), overlap[1].detach().view(shape) if potential else None
 
     @torch.no_grad()
-    def synapse_masks(self) -> torch.Tensor:
+    def synapse_masks(self, rows: torch.Tensor | None = None, since: int | None = None) -> torch.Tensor:
         """(2, G, F) float: connected and potential synapses. Cached, because recomputing them
         from every permanence costs more than the overlap itself; any in-place change of the
-        permanences (learning rule, optimizer, load_state_dict) bumps their version and
-        invalidates the cache."""
+        permanences (optimizer, load_state_dict) bumps their version and invalidates the cache.
+        A learning rule that changed only the segments `rows`, starting from permanence
+        version `since`, passes both, and only those rows are recomputed."""
         p = self.permanence
         stale = self._masks is None or self._masks.device != p.device or self._masks.dtype != p.dtype
-        if stale or self._masks_version != p._version:
+        if stale or self._masks_version != (p._version if rows is None else since):
             self._masks = torch.stack([p >= self.connected_permanence, p > 0]).to(p.dtype)
+        elif rows is not None:
+            self._masks[:, rows] = torch.stack([p[rows] >= self.connected_permanence, p[rows] > 0]).to(p.dtype)
         self._masks_version = p._version
         return self._masks
 

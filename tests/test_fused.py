@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+from predictive import learning
 from predictive.learning import build
 from predictive.stack import PredictiveStack, StackOutput
 
@@ -89,6 +90,14 @@ def test_fused_chunks_are_the_torch_steps(batch, layer, rule, fixed_shapes):
     assert (seg.permanence >= seg.connected_permanence).sum() > 100  # it learned something
     assert torch_run[2]["anomaly"][:, -50:].mean() < 0.5
     assert_same_run(torch_run, fused_run)
+
+
+def test_weakening_a_few_streams_at_a_time_keeps_the_steps(monkeypatch):
+    monkeypatch.setattr(learning, "WEAKEN_ELEMENTS", 1)  # fixed shapes weaken one stream at a time
+    x = high_order_stream(3, 200)
+    reset = torch.zeros(3, 200, dtype=torch.bool)
+    rule = dict(new_synapses=5, burst_decrement=0.05, fixed_shapes=True)
+    assert_same_run(learn(False, x, reset, LAYER, rule), learn(True, x, reset, LAYER, rule))
 
 
 def case(seed: int) -> dict:
