@@ -7,6 +7,7 @@ boosting, as in nupic.torch; `SparseLinear` is a linear map with a fixed random 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -190,6 +191,22 @@ class SparseLinear(nn.Linear):
         self.sparsity = sparsity
         super().__init__(in_features, out_features, bias=bias)
         mask_weights(self, sparsity)
+        self._masked, self._masked_key = None, None  # `weight` without a graph, while unchanged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in_features) -> (..., out_features)
+        return F.linear(x, self.masked_weight(), self.bias)
+
+    def masked_weight(self) -> torch.Tensor:
+        """`weight`; without gradients, computed once while neither the stored weights nor the
+        mask change (their version counters): a local layer scores every chunk with it."""
+        if torch.is_grad_enabled() and self.dense_weight.requires_grad:
+            return self.weight
+        key = (self.dense_weight._version, self.mask._version, self.dense_weight.device, self.dense_weight.dtype)
+        if key != self._masked_key:
+            with torch.no_grad():
+                self._masked, self._masked_key = self.weight, key
+        return self._masked
 
     @property
     def mask(self) -> torch.Tensor:

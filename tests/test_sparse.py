@@ -86,6 +86,23 @@ def test_sparse_linear_zero_fraction_is_exact_and_survives_adam():
     assert ((layer.weight == 0).sum(1) == 30).all()
 
 
+def test_sparse_linear_without_gradients_follows_every_change_of_its_weights():
+    layer = SparseLinear(8, 4)
+    x = torch.rand(3, 8)
+    expected = lambda: x @ (layer.dense_weight * layer.mask).t() + layer.bias  # noqa: E731
+    with torch.no_grad():
+        first = layer(x)  # the masked weights, cached from here on
+        assert torch.equal(layer(x), first)
+        layer.dense_weight.add_(1.0)  # a local rule's in-place step
+        assert torch.allclose(layer(x), expected()) and not torch.allclose(layer(x), first)
+        other = SparseLinear(8, 4)
+        layer.load_state_dict(other.state_dict())  # new weights and a new mask
+        assert torch.allclose(layer(x), other(x))
+    out = layer(x)  # with gradients: through the parametrization, to the stored weights
+    out.sum().backward()
+    assert layer.dense_weight.grad is not None and torch.equal(layer.dense_weight.grad == 0, layer.mask == 0)
+
+
 @pytest.mark.parametrize(
     "make, setting",
     [
