@@ -191,22 +191,24 @@ class SparseLinear(nn.Linear):
         self.sparsity = sparsity
         super().__init__(in_features, out_features, bias=bias)
         mask_weights(self, sparsity)
-        self._masked, self._masked_key = None, None  # `weight` without a graph, while unchanged
+        self._columns, self._columns_key = None, None  # the masked weight (in, out), while unchanged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in_features) -> (..., out_features)
-        return F.linear(x, self.masked_weight(), self.bias)
-
-    def masked_weight(self) -> torch.Tensor:
-        """`weight`; without gradients, computed once while neither the stored weights nor the
-        mask change (their version counters): a local layer scores every chunk with it."""
         if torch.is_grad_enabled() and self.dense_weight.requires_grad:
-            return self.weight
+            return F.linear(x, self.weight, self.bias)
+        out = x @ self.masked_columns()
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def masked_columns(self) -> torch.Tensor:
+        """The masked weight transposed, (in, out) and contiguous, computed once while neither
+        the stored weights nor the mask change (their version counters): a local layer scores
+        every chunk with it, and a product with the contiguous transpose is the faster one."""
         key = (self.dense_weight._version, self.mask._version, self.dense_weight.device, self.dense_weight.dtype)
-        if key != self._masked_key:
-            with torch.no_grad():
-                self._masked, self._masked_key = self.weight, key
-        return self._masked
+        if key != self._columns_key:
+            self._columns, self._columns_key = self.weight.t().contiguous(), key
+        return self._columns
 
     @property
     def mask(self) -> torch.Tensor:
