@@ -63,7 +63,7 @@ HOST_READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", 
 
 
 def syncs_per_step(stack, rule, args, steps=5):
-    """Host reads per time step of a chunk of the torch steps (rule None: inference)."""
+    """Host reads per time step of a chunk of the torch steps under `rule`."""
     device = next(stack.parameters()).device
     x = sdr_inputs(2, steps, args.input_size).to(device)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -191,7 +191,8 @@ def main():
             print(f"{mode:>9} {short['chunk_mb']:>9.1f} {long['chunk_mb']:>9.1f} {ratio:>7.1f}")
     stack = stacks["local-torch"][0]
     local = syncs_per_step(stack, make_rule("local-torch", fixed_shapes=True), args)
-    print(f"syncs_per_step local={local:g} inference={syncs_per_step(stack, None, args):g}")
+    inference = syncs_per_step(stack, build("frozen", fused=False), args)  # the torch steps, as on a GPU
+    print(f"syncs_per_step local={local:g} inference={inference:g}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from numba import literal_unroll
 
+from predictive.learning import PredictiveHebbian
 from predictive.memory import LayerState, TemporalMemory
 
 INDEX_SLACK = 32  # free places per cell in the reverse index for synapses grown within a chunk (doubled when full)
@@ -55,11 +56,13 @@ class Settings(NamedTuple):
     decoder_rate: np.float32
     decoder_code_rate: np.float32
     decoder_bias: bool
+    learn: bool  # False: inference, the steps of a rule that changes nothing (the rest above is unused)
 
 
 class Chunk(NamedTuple):
     """A chunk's inputs: column scores (B, T, C), input (B, T, D), resets (B, T) bool, and each
-    step's random numbers (T, 2, B, N): the winners' tie-break, then the growth sample."""
+    step's random numbers (T, 2, B, N): the winners' tie-break, then the growth sample (T, 1,
+    B, N without learning: the tie-break alone, as the torch steps draw them)."""
 
     scores: np.ndarray
     x: np.ndarray
@@ -198,8 +201,8 @@ class Index(NamedTuple):
 
 
 def settings(layer: TemporalMemory, hebbian) -> Settings:
-    """The settings of `layer` learning by `hebbian` (a `PredictiveHebbian`)."""
-    kw, h, f32 = layer.kwinners, hebbian, np.float32
+    """The settings of `layer` learning by `hebbian` (a `PredictiveHebbian`; None: inference)."""
+    kw, h, f32 = layer.kwinners, hebbian or PredictiveHebbian(), np.float32
     return Settings(
         k_select=int(kw.k if kw.training else kw.k_inference), k=int(layer.k),
         cells_per_column=int(layer.cells_per_column), segments=int(layer.segments.num_segments),
@@ -211,7 +214,7 @@ def settings(layer: TemporalMemory, hebbian) -> Settings:
         permanence_increment=f32(h.permanence_increment), permanence_decrement=f32(h.permanence_decrement),
         predicted_decrement=f32(h.predicted_decrement), burst_decrement=f32(h.burst_decrement),
         initial_permanence=f32(h.initial_permanence), decoder_rate=f32(h.decoder_rate),
-        decoder_code_rate=f32(h.decoder_code_rate), decoder_bias=bool(h.decoder_bias),
+        decoder_code_rate=f32(h.decoder_code_rate), decoder_bias=bool(h.decoder_bias), learn=hebbian is not None,
     )
 
 
@@ -244,17 +247,19 @@ def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
 
 @torch.no_grad()
 def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState, reset: torch.Tensor | None):
-    """T steps of `layer` learning by `hebbian` (a `PredictiveHebbian`).
+    """T steps of `layer` learning by `hebbian` (a `PredictiveHebbian`; None: inference, the
+    layer changes nothing but its duty cycles in training mode, as under `LearningRule`).
 
     x: (B, T, D); state: the layer's state (not modified); reset: (B, T) bool or None.
     Returns (cells (B, T, N), predicted (B, T, N), prediction (B, T, D), anomaly (B, T), state).
     """
-    hebbian.check(layer)
+    if hebbian is not None:
+        hebbian.check(layer)
     b, t_len, _ = x.shape
     n, c = layer.output_size, layer.columns
     x = x.detach().contiguous()
     scores = layer.feedforward(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
-    noise = torch.rand(t_len, 2, b, n)  # per step: winners' tie-break, then the growth sample
+    noise = torch.rand(t_len, 1 + (hebbian is not None), b, n)  # per step: the winners' tie-break, the growth sample
     state = LayerState(*(value.detach().clone().contiguous() for value in state))
     outputs = [torch.zeros(b, t_len, n), torch.zeros(b, t_len, n), torch.zeros(b, t_len, layer.input_size),
                torch.zeros(b, t_len)]
@@ -265,13 +270,15 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState
         State(*(value.numpy() for value in state)), tensors(layer),
         buffers(cfg, b, c, n, layer.input_size), Outputs(*(o.numpy() for o in outputs)),
     )
-    layer.segments.synapse_masks_changed()  # written through numpy: the permanence version did not move
+    if hebbian is not None:
+        layer.segments.synapse_masks_changed()  # written through numpy: the permanence version did not move
     return (*outputs, state)
 
 
 @numba.njit(cache=True)
 def chunk(cfg, inputs, state, layer, work, out):
-    """T steps of `TemporalMemory.forward` with `PredictiveHebbian.__call__` as its rule."""
+    """T steps of `TemporalMemory.forward` with `PredictiveHebbian.__call__` as its rule (none:
+    `cfg.learn` false)."""
     segments, decoder, boosting = layer
     step, learning, overlaps = work.step, work.learning, work.overlaps
     n_len, slack = state.cells.shape[1], INDEX_SLACK
@@ -284,12 +291,12 @@ def chunk(cfg, inputs, state, layer, work, out):
         kwinners(cfg, inputs.scores[:, t], boosting, step.columns, work.ranking)
         activate(cfg, state, step)
         choose_winners(cfg, state, step, inputs.noise[t, 0], learning.used)
-        # PredictiveHebbian.__call__: the segments, then the decoder.
-        segments.learning_steps[0] += 1
-        if not learn_segments(cfg, state, segments, step, inputs.noise[t, 1], index, learning):
-            slack *= 2  # a cell's list in the reverse index was full: rebuild it with more room
-            index = reverse_index(segments, n_len, slack)
-        learn_decoder(cfg, state, decoder, step, inputs.x[:, t], work.errors)
+        if cfg.learn:  # PredictiveHebbian.__call__: the segments, then the decoder.
+            segments.learning_steps[0] += 1
+            if not learn_segments(cfg, state, segments, step, inputs.noise[t, 1], index, learning):
+                slack *= 2  # a cell's list in the reverse index was full: rebuild it with more room
+                index = reverse_index(segments, n_len, slack)
+            learn_decoder(cfg, state, decoder, step, inputs.x[:, t], work.errors)
         predict(cfg, state, segments, decoder, step, index, overlaps, out, t)
 
 

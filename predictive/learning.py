@@ -314,7 +314,10 @@ class LearningRule:
     task_loss_trains_model = True
     trains_model = True  # False: the model stays as initialised (`Frozen`)
     grows_segments = False  # do gradient-trained layers also grow segments (structural_update)?
-    fused = False  # every layer learns by `hebbian` alone: may run compiled (predictive.fused)
+    # On a CPU the compiled steps (predictive.fused) may run a chunk: a rule that changes no
+    # layer (inference), or, for a rule that `updates_layers`, its `hebbian` in every layer.
+    fused = True
+    updates_layers = False  # does `update` or `structural_update` change the layers?
 
     def is_local(self, layer_index: int) -> bool:
         """Does layer `layer_index` (0 = bottom) learn by explicit local updates, cut off from
@@ -359,6 +362,7 @@ class Local(LearningRule):
     name = "local"
     task_loss_trains_model = False
     local_loss_weight = 1.0  # models that learn through a loss (the LSTM) use their own
+    updates_layers = True
 
     def __init__(self, fused: bool = True, **hebbian):
         """fused: on a CPU, run each layer's chunk in one compiled loop (predictive.fused),
@@ -440,6 +444,11 @@ class Frozen(LearningRule):
     name = "frozen"
     task_loss_trains_model = False
     trains_model = False
+
+    def __init__(self, fused: bool = True):
+        """fused: on a CPU, run each layer's chunk in one compiled loop (predictive.fused)."""
+        check_flags(fused=fused)
+        self.fused = fused
 
     def is_local(self, layer_index: int) -> bool:
         return True  # input and state detached, no update (`update` does nothing)

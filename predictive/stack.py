@@ -27,8 +27,21 @@ def fused_supported(layer: TemporalMemory, hebbian, x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and layer.segments.permanence.dtype == torch.float32
         and not layer.first_order_fallback
-        and hebbian.feedforward_rate == 0
+        and (hebbian is None or hebbian.feedforward_rate == 0)
     )
+
+
+def compiled_rule(rule: LearningRule, model: nn.Module):
+    """What the compiled steps run of `rule` for `model`: its local rule in every layer (a rule
+    that `updates_layers`), nothing (inference: a rule that changes no layer, when no gradient
+    of the layers' outputs is wanted), or False: the torch steps run."""
+    if not rule.fused:
+        return False
+    if rule.updates_layers:
+        return rule.hebbian
+    wants_gradient = torch.is_grad_enabled() and rule.task_loss_trains_model and any(
+        p.requires_grad for p in model.parameters())
+    return False if wants_gradient else None
 
 
 class StepOutput(NamedTuple):
@@ -175,8 +188,9 @@ class PredictiveStack(SequenceModel):
         return steps, new_states, local_loss
 
     def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
-        if rule.fused and all(fused_supported(layer, rule.hebbian, x) for layer in self.layers):
-            return self.forward_fused(x, state, reset, rule)
+        hebbian = compiled_rule(rule, self)
+        if hebbian is not False and all(fused_supported(layer, hebbian, x) for layer in self.layers):
+            return self.forward_fused(x, state, reset, hebbian)
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
         local_loss = x.new_zeros(())
@@ -199,15 +213,16 @@ class PredictiveStack(SequenceModel):
         )
         return out, self.join_states(states)
 
-    def forward_fused(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
-        """`forward` for a rule whose every layer learns locally, on a CPU: each layer runs the
-        whole chunk in one compiled loop (predictive.fused). Nothing of a layer reaches the
-        layers below it in local mode, so the layers can run one after the other."""
+    def forward_fused(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, hebbian):
+        """`forward` on a CPU for a rule whose every layer learns by `hebbian` locally, or, with
+        `hebbian` None, for a rule that changes no layer (inference): each layer runs the whole
+        chunk in one compiled loop (predictive.fused). Nothing of a layer reaches the layers
+        below it then, so the layers can run one after the other."""
         from predictive import fused  # numba loads the first time the compiled path runs
 
         outputs, new_states, inputs = [], [], x
         for layer, layer_state in zip(self.layers, self.layer_states(state)):
-            *out, layer_state = fused.run_layer(layer, rule.hebbian, inputs, layer_state, reset)
+            *out, layer_state = fused.run_layer(layer, hebbian, inputs, layer_state, reset)
             outputs.append(out)
             new_states.append(layer_state)
             inputs = out[0]

@@ -1,5 +1,6 @@
 """predictive.fused (local learning compiled, a chunk per call) must be the torch steps."""
 
+import copy
 import os
 import random
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from predictive import learning
-from predictive.learning import build
+from predictive.learning import Frozen, build
 from predictive.stack import PredictiveStack, StackOutput
 
 LAYER = dict(
@@ -188,6 +189,28 @@ def test_fused_is_the_torch_step_over_random_settings(seed):
     assert (torch_run[0].layers[-1].segments.permanence > 0).any()  # the top layer learned too
     assert torch_run[2]["predicted"][:, -30:].any()  # and predicts
     assert_same_run(torch_run, fused_run)
+
+
+@pytest.mark.parametrize("seed", range(0, CASES, 4))
+def test_compiled_inference_is_the_torch_steps(seed):
+    """A rule that changes no layer (frozen; evaluation) runs compiled too: the same steps."""
+    c = case(seed)
+    learned, state, _ = run_case(c, fused=True)
+    x = high_order_stream(c["batch"], 60, width=32, seed=c["stream"] + 1)
+    reset = torch.rand(c["batch"], 60, generator=torch.Generator().manual_seed(seed)) < 0.05
+    runs = []
+    for fused in (False, True):
+        stack = copy.deepcopy(learned)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            if fused:
+                out, new_state = stack(x, state, reset, learning=Frozen())
+            else:
+                out, new_state = torch_layers(stack, Frozen(fused=False), x, state, reset)
+        runs.append((stack, new_state, {f: getattr(out, f) for f in ("cells", "predicted", "prediction", "anomaly")}))
+    assert runs[0][2]["predicted"].any()  # it predicts
+    assert torch.equal(runs[1][0].layers[0].segments.permanence, learned.layers[0].segments.permanence)
+    assert_same_run(*runs)
 
 
 def test_a_two_layer_stack_one_step_a_chunk_is_the_torch_stack():
