@@ -40,6 +40,24 @@ def entries(mask: torch.Tensor, capacity: int, fixed: bool) -> tuple[torch.Tenso
     return rows.reshape(-1), columns.reshape(-1), valid.reshape(-1).bool()
 
 
+def last_taken(targets: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """For each write i to `targets[i]` (a flat index), the write that an ordered indexed
+    assignment of the `taken` writes leaves there: the last taken write to the same target
+    (or the last write to it, untaken, when none is taken). Every write to a target then
+    stores one outcome, so that the order in which they land does not matter. By a sort of
+    the writes alone: no buffer the size of the target tensor."""
+    n = targets.numel()
+    order = torch.arange(n, device=targets.device)
+    if n == 0:
+        return order
+    ranked = ((targets * 2 + taken.long()) * n + order).argsort()  # by target, untaken first, in order
+    ordered = targets[ranked]
+    run_end = torch.ones(n, dtype=torch.bool, device=targets.device)
+    run_end[:-1] = ordered[1:] != ordered[:-1]
+    end = torch.where(run_end, order, n).flip(0).cummin(0).values.flip(0)  # each run's last place
+    return torch.empty_like(ranked).scatter_(0, ranked, ranked[end])
+
+
 def segments_in(segments: torch.Tensor, valid: torch.Tensor, seg) -> torch.Tensor:
     """(G,) bool: the segments named by the `valid` entries of the list `segments`."""
     counts = torch.zeros(seg.permanence.shape[0], dtype=torch.long, device=segments.device)
@@ -192,7 +210,8 @@ class PredictiveHebbian:
         established = (seg.permanence.view(-1, s, seg.synapses)[new_cell_idx] >= seg.connected_permanence).any(-1)
         slots = (age + self.connected_grace * established).argmin(-1)
         new_segment = new_cell_idx * s + slots
-        seg.permanence.masked_fill_(segments_in(new_segment, new_valid, seg).unsqueeze(-1), 0.0)
+        fresh = segments_in(new_segment, new_valid, seg)[new_segment].unsqueeze(-1)  # alike for a segment listed twice
+        seg.permanence.index_put_((new_segment,), torch.where(fresh, 0.0, seg.permanence[new_segment]))
         # Grow towards the previous winners up to `new_synapses` synapses onto active cells:
         # a segment already fully matched by a burst grows nothing, so contexts stay apart.
         learn_b, learn_segment, learn_valid = learn
@@ -222,7 +241,7 @@ class PredictiveHebbian:
         was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
         delta = torch.where(was_active, active_delta, inactive_delta) * ((perm[gi] > 0) & valid.unsqueeze(1))
         perm.index_put_((gi,), delta.to(perm.dtype), accumulate=True)
-        perm.clamp_(0.0, 1.0)
+        perm.index_put_((gi,), perm[gi].clamp(0.0, 1.0))  # the listed rows alone (a row listed twice: the same)
 
     @staticmethod
     def weaken(seg, prev_active, wrong, decrement) -> None:
@@ -258,18 +277,11 @@ class PredictiveHebbian:
         take = valid & (rank < missing.unsqueeze(-1))
         weakest = perm[gi].argsort(dim=-1, stable=True)  # (P, F): empty slots (0) first
         synapse = gi.unsqueeze(-1) * seg.synapses + weakest.gather(-1, rank.clamp(min=0))  # (P, k), flat
-        # Of the writes to one synapse the last wins (as an indexed assignment in order would):
-        # each write's position and cell in one key, the largest key per synapse. Every write
-        # then stores that synapse's outcome, so that the order of writes does not matter.
-        cells = seg.presynaptic_cells
-        order = torch.arange(take.numel(), device=take.device).view_as(take)
-        key = torch.where(take, order * cells + candidates, -1).view(-1)
-        synapse = synapse.view(-1)
-        last = torch.full((perm.numel(),), -1, dtype=key.dtype, device=key.device)
-        last = last.scatter_reduce_(0, synapse, key, "amax")[synapse]
-        grown = last >= 0
         flat_presynaptic, flat_perm = presynaptic.view(-1), perm.view(-1)
-        flat_presynaptic.index_put_((synapse,), torch.where(grown, last % cells, flat_presynaptic[synapse]))
+        synapse, take, candidates = synapse.view(-1), take.view(-1), candidates.view(-1)
+        last = last_taken(synapse, take)
+        grown = take[last]
+        flat_presynaptic.index_put_((synapse,), torch.where(grown, candidates[last], flat_presynaptic[synapse]))
         flat_perm.index_put_((synapse,), torch.where(grown, self.initial_permanence, flat_perm[synapse]))
 
     @torch.no_grad()

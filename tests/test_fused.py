@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from predictive import learning
-from predictive.learning import Frozen, build
+from predictive.learning import Frozen, build, last_taken
 from predictive.stack import PredictiveStack, StackOutput
 
 LAYER = dict(
@@ -99,6 +99,21 @@ def test_weakening_a_few_streams_at_a_time_keeps_the_steps(monkeypatch):
     reset = torch.zeros(3, 200, dtype=torch.bool)
     rule = dict(new_synapses=5, burst_decrement=0.05, fixed_shapes=True)
     assert_same_run(learn(False, x, reset, LAYER, rule), learn(True, x, reset, LAYER, rule))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_writes_resolved_by_last_taken_land_as_an_ordered_assignment(seed):
+    """Growth writes many synapses at once, some twice (two streams): the last taken write wins."""
+    g = torch.Generator().manual_seed(seed)
+    targets, taken = torch.randint(0, 12, (24,), generator=g), torch.rand(24, generator=g) < 0.4
+    expected = torch.full((12,), -1)
+    for i in range(24):
+        if taken[i]:
+            expected[targets[i]] = i
+    last = last_taken(targets, taken)
+    out = torch.full((12,), -1)
+    out.index_put_((targets,), torch.where(taken[last], last, out[targets]))
+    assert torch.equal(out, expected) and (expected >= 0).any() and (expected < 0).any()
 
 
 def case(seed: int) -> dict:
