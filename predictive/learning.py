@@ -158,8 +158,8 @@ class PredictiveHebbian:
             self.learn_feedforward(layer, step)
 
     def learn_segments(self, layer: TemporalMemory, step: LayerStep) -> None:
-        """Fixed shapes throughout, whatever learns: the step never reads a tensor value on the
-        host (no sync on a GPU). A stream with nothing active at t-1 (after a reset) has no
+        """With `fixed_shapes` the step never reads a tensor value on the host (no sync on a
+        GPU), whatever learns. A stream with nothing active at t-1 (after a reset) has no
         overlaps, so none of its segments learns or grows."""
         self.check(layer)
         seg, prev = layer.segments, step.prev
