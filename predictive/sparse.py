@@ -7,7 +7,6 @@ boosting, as in nupic.torch; `SparseLinear` is a linear map with a fixed random 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -196,7 +195,7 @@ class SparseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in_features) -> (..., out_features)
         if torch.is_grad_enabled() and self.dense_weight.requires_grad:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)  # nn.Linear's, through the mask's parametrization
         out = x @ self.masked_columns()
         return out if self.bias is None else out + self.bias
 
