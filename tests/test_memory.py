@@ -225,6 +225,10 @@ def test_bad_learning_settings_are_rejected():
         build("local", fused="auto")
     with pytest.raises(ValueError, match="fused must be false for learning=hybrid"):
         build("hybrid", fused=True)
+    with pytest.raises(ValueError, match="fused must be true or false"):
+        build("frozen", fused="no")
+    with pytest.raises(ValueError, match="fixed_shapes must be true or false"):
+        build("local", fixed_shapes="auto")
     with pytest.raises(ValueError, match="new_synapses=20 exceeds"):
         build("local", new_synapses=20).check(PredictiveStack(48, 1, **SMALL))
     with pytest.raises(ValueError, match=r"new_synapses=6 exceeds the layer's cells=4 \(columns x cells\)"):
