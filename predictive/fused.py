@@ -53,6 +53,7 @@ class Settings(NamedTuple):
     predicted_decrement: np.float32
     burst_decrement: np.float32
     initial_permanence: np.float32
+    max_permanence: np.float32
     decoder_rate: np.float32
     decoder_code_rate: np.float32
     decoder_bias: bool
@@ -213,8 +214,9 @@ def settings(layer: TemporalMemory, hebbian) -> Settings:
         new_synapses=int(h.new_synapses), grow_predicted=bool(h.grow_predicted), connected_grace=int(h.connected_grace),
         permanence_increment=f32(h.permanence_increment), permanence_decrement=f32(h.permanence_decrement),
         predicted_decrement=f32(h.predicted_decrement), burst_decrement=f32(h.burst_decrement),
-        initial_permanence=f32(h.initial_permanence), decoder_rate=f32(h.decoder_rate),
-        decoder_code_rate=f32(h.decoder_code_rate), decoder_bias=bool(h.decoder_bias), learn=hebbian is not None,
+        initial_permanence=f32(h.initial_permanence), max_permanence=f32(h.max_permanence),
+        decoder_rate=f32(h.decoder_rate), decoder_code_rate=f32(h.decoder_code_rate), decoder_bias=bool(h.decoder_bias),
+        learn=hebbian is not None,
     )
 
 
@@ -481,10 +483,10 @@ def learn_segments(cfg, state, segments, step, noise, index, learning):
     rows, active_delta, inactive_delta = learning.rows, learning.active_delta, learning.inactive_delta
     best_segments(state.potential_overlap, state.winners, learning.best_segment, learning.had_winners)
     reinforced = reinforced_rows(cfg, state, step, learning)
-    adapt(rows, active_delta, inactive_delta, reinforced, perm, presyn, step.prev_active)
+    adapt(rows, active_delta, inactive_delta, reinforced, perm, presyn, step.prev_active, cfg.max_permanence)
     wrong = wrong_rows(cfg, state, step, learning, reinforced)
     adapt(rows[reinforced:], active_delta[reinforced:], inactive_delta[reinforced:], wrong, perm, presyn,
-          step.prev_active)
+          step.prev_active, cfg.max_permanence)
     count = growth_rows(cfg, state, segments, step, learning, reinforced)
     for i in range(reinforced, count):
         perm[rows[i, 1]] = 0.0
@@ -624,9 +626,10 @@ def sample_winners(winners, noise, sample, valid):
 
 
 @numba.njit(cache=True)
-def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active):
+def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active, ceiling):
     """`PredictiveHebbian.adapt` on `count` rows (stream, segment): every delta is computed from
-    the permanences before any is added (as the vectorized rule does), then rows are clamped."""
+    the permanences before any is added (as the vectorized rule does), then rows are clamped
+    to [0, ceiling]."""
     f_len = perm.shape[1]
     delta = np.zeros((count, f_len), dtype=np.float32)
     for i in range(count):
@@ -641,7 +644,7 @@ def adapt(rows, deltas_active, deltas_inactive, count, perm, presyn, prev_active
     for i in range(count):
         g = rows[i, 1]
         for f in range(f_len):
-            perm[g, f] = min(max(perm[g, f], np.float32(0.0)), np.float32(1.0))
+            perm[g, f] = min(max(perm[g, f], np.float32(0.0)), ceiling)
 
 
 @numba.njit(cache=True)

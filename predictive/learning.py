@@ -81,6 +81,10 @@ class PredictiveHebbian:
       chance links (towards never-repeating noise) do not fire in other contexts and merge
       them. `grow_predicted` lets correctly predicting segments grow too (HTM's rule; after a
       burst it spreads one context into another).
+    - Permanences stay at most `max_permanence`: a link reinforced a hundred times is then
+      as easy to unlearn as one reinforced twice, and a continuation that stopped coming stops
+      being predicted after (max_permanence - connected) / decrement failures, however long
+      it held before (1.0: HTM's ceiling, about six failures with the defaults).
     - Weakened: active segments of cells in columns that stayed inactive, by
       `predicted_decrement` when the context at t-1 was predicted (a confident prediction
       failed; in a known context only its winners' predictions count), by `burst_decrement`
@@ -110,6 +114,7 @@ class PredictiveHebbian:
     predicted_decrement: float = 0.08
     burst_decrement: float = 0.0
     initial_permanence: float = 0.45
+    max_permanence: float = 1.0
     new_synapses: int = 10
     grow_predicted: bool = False
     decoder_rate: float = 0.5
@@ -127,6 +132,9 @@ class PredictiveHebbian:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not 0.0 < self.initial_permanence <= 1.0:
             raise ValueError(f"initial_permanence must be in (0, 1], got {self.initial_permanence}")
+        if not self.initial_permanence <= self.max_permanence <= 1.0:
+            raise ValueError(f"max_permanence must be in [initial_permanence={self.initial_permanence}, 1], "
+                             f"got {self.max_permanence}")
         if isinstance(self.new_synapses, bool) or not isinstance(self.new_synapses, int) or self.new_synapses < 1:
             raise ValueError(f"new_synapses must be an integer >= 1, got {self.new_synapses!r}")
         grace = self.connected_grace
@@ -145,6 +153,9 @@ class PredictiveHebbian:
         `new_synapses` synapses, onto distinct cells. Cheap: run at every learning step."""
         if self.new_synapses > layer.segments.synapses:
             raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's synapses={layer.segments.synapses}")
+        if self.max_permanence < layer.segments.connected_permanence:
+            raise ValueError(f"max_permanence={self.max_permanence} is below the layer's connected_permanence="
+                             f"{layer.segments.connected_permanence}: no synapse would ever connect")
         if self.new_synapses > layer.output_size:
             raise ValueError(f"new_synapses={self.new_synapses} exceeds the layer's cells={layer.output_size} "
                              "(columns x cells)")
@@ -195,13 +206,14 @@ class PredictiveHebbian:
         active = max(layer.k, layer.kwinners.k_inference)
         learn = entries(learning.view(b, -1), active * m * s, fixed)
         version = seg.permanence._version
-        self.adapt(seg, prev_active, learn, self.permanence_increment, -self.permanence_decrement)
+        ceiling = self.max_permanence
+        self.adapt(seg, prev_active, learn, self.permanence_increment, -self.permanence_decrement, ceiling)
         decrement = torch.where(prev.anomaly > 0, self.burst_decrement, self.predicted_decrement)
         if fixed:
-            self.weaken(seg, prev_active, wrong, decrement)
+            self.weaken(seg, prev_active, wrong, decrement, ceiling)
         else:
             failed = entries(wrong, wrong.shape[1], fixed)
-            self.adapt(seg, prev_active, failed, -decrement, 0.0)
+            self.adapt(seg, prev_active, failed, -decrement, 0.0, ceiling)
 
         new_b, new_cell_idx, new_valid = entries(new_cell, active, fixed)
         # The least recently learned slot of each new winner (an established segment counted
@@ -230,10 +242,11 @@ class PredictiveHebbian:
             seg.synapse_masks(torch.cat([failed[1], grow_segment]).unique(), since=version)
 
     @staticmethod
-    def adapt(seg, prev_active, listed, active_delta, inactive_delta: float) -> None:
+    def adapt(seg, prev_active, listed, active_delta, inactive_delta: float, ceiling: float) -> None:
         """Add `active_delta` (a float or one per stream) to the potential synapses of the
         `listed` segments (`entries`) whose presynaptic cell was active, `inactive_delta` to
-        the others. A segment listed by several streams adds their changes in stream order."""
+        the others, and keep them in [0, `ceiling`]. A segment listed by several streams adds
+        their changes in stream order."""
         bi, gi, valid = listed
         perm = seg.permanence
         if torch.is_tensor(active_delta):
@@ -241,10 +254,10 @@ class PredictiveHebbian:
         was_active = prev_active[bi.unsqueeze(1), seg.presynaptic[gi]]  # (P, F)
         delta = torch.where(was_active, active_delta, inactive_delta) * ((perm[gi] > 0) & valid.unsqueeze(1))
         perm.index_put_((gi,), delta.to(perm.dtype), accumulate=True)
-        perm.index_put_((gi,), perm[gi].clamp(0.0, 1.0))  # the listed rows alone (a row listed twice: the same)
+        perm.index_put_((gi,), perm[gi].clamp(0.0, ceiling))  # the listed rows alone (a row listed twice: the same)
 
     @staticmethod
-    def weaken(seg, prev_active, wrong, decrement) -> None:
+    def weaken(seg, prev_active, wrong, decrement, ceiling: float) -> None:
         """`adapt` of the `wrong` segments (B, G) by -`decrement` (B,) on synapses onto active
         cells, over every segment of every stream, a few streams at a time: how many segments
         failed has no bound, so no list of fixed length holds them. In stream order, as `adapt`."""
@@ -259,7 +272,7 @@ class PredictiveHebbian:
             scale = wrong[streams].to(perm.dtype) * -decrement[streams].to(perm.dtype).view(-1, 1)
             delta = onto_active.view(-1, g, f) * scale.unsqueeze(-1) * potential
             perm.index_put_((rows.repeat(delta.shape[0]),), delta.view(-1, f), accumulate=True)
-        perm.clamp_(0.0, 1.0)
+        perm.copy_(torch.where(wrong.any(0).unsqueeze(1), perm.clamp(0.0, ceiling), perm))  # as `adapt`: failed rows
 
     def grow(self, seg, prev_winners, noise, bi, gi, missing) -> None:
         """Point up to `missing` weakest synapses of each segment at winners of t-1 that it

@@ -132,7 +132,7 @@ def case(seed: int) -> dict:
         new_synapses=new_synapses, connected_grace=r.choice([0, 2, 30]), decoder_code_rate=r.choice([0.0, 0.5]),
         decoder_bias=r.random() < 0.5, grow_predicted=r.random() < 0.3, burst_decrement=r.choice([0.0, 0.05]),
         predicted_decrement=r.choice([0.0, 0.08]), permanence_increment=r.choice([0.12, 0.3]),
-        initial_permanence=r.choice([0.45, 0.6]), fixed_shapes=r.random() < 0.5,
+        initial_permanence=r.choice([0.45, 0.6]), fixed_shapes=r.random() < 0.5, max_permanence=r.choice([1.0, 0.7]),
     )
     return dict(layer=layer, rule=rule, batch=r.choice([1, 4]), layers=r.choice([1, 2]), evaluate=r.random() < 0.3,
                 stream=r.randrange(1000))

@@ -211,6 +211,10 @@ def test_bad_learning_settings_are_rejected():
         build("local", burst_decrement=-0.1)
     with pytest.raises(ValueError, match="permanence_increment"):
         build("local", permanence_increment=1.5)
+    with pytest.raises(ValueError, match=r"max_permanence must be in \[initial_permanence=0.45, 1\], got 0.4"):
+        build("local", max_permanence=0.4)
+    with pytest.raises(ValueError, match="max_permanence=0.45 is below the layer's connected_permanence=0.5"):
+        build("local", new_synapses=6, max_permanence=0.45).check(PredictiveStack(48, 1, **SMALL))
     with pytest.raises(ValueError, match="local_loss_weight"):
         build("hybrid", local_loss_weight=-1.0)
     with pytest.raises(ValueError, match="grow_predicted must be true or false"):
@@ -240,6 +244,26 @@ def test_bad_learning_settings_are_rejected():
     for grace in (-1, 2.5, True):
         with pytest.raises(ValueError, match="connected_grace must be an integer >= 0"):
             build("local", connected_grace=grace)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("ceiling, failures", [(0.65, 2), (1.0, 7)])
+def test_a_continuation_that_stopped_coming_is_unlearned_in_the_failures_its_ceiling_allows(fused, ceiling, failures):
+    """0 1 2 learned twenty times, then 0 1 3: symbol 2 stays predicted after 1 until its links
+    fall below connected (0.5) by 0.08 per failure, from `max_permanence` however long it held."""
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL)
+    rule = build("local", new_synapses=6, max_permanence=ceiling, fused=fused)
+    state = stack.initial_state(1)
+    _, state = stack(stream([0, 1, 2], 20), state, reset=starts(60, 3), learning=rule)
+    perm = stack.layers[0].segments.permanence
+    assert float(perm.detach().max()) == pytest.approx(ceiling)  # reached and held
+    out, _ = stack(stream([0, 1, 3], 10), state, reset=starts(30, 3), learning=rule)
+    columns_of_2 = stack.layers[0].kwinners.winners(stack.layers[0].feedforward(codes()[2:3]))[0]
+    predicted = out.predicted[0, 1::3].view(10, 64, 4).amax(-1)[:, columns_of_2]  # after each 1
+    still = predicted.all(-1)
+    assert still[:failures].all() and not still[failures:].any()
+
 
 
 @pytest.mark.parametrize("grace, evicted", [(30, 1), (0, 0)])

@@ -158,6 +158,7 @@ LEARNING = {
     **{f"rule.{key}": UNIT for key in ("permanence_increment", "permanence_decrement", "predicted_decrement",
                                         "burst_decrement", "decoder_rate", "decoder_code_rate", "feedforward_rate")},
     "rule.initial_permanence": FRACTION,
+    "rule.max_permanence": number("rule.initial_permanence", 1),
     "rule.new_synapses": number(1, "model.synapses", integer=True),
     "rule.connected_grace": number(0, integer=True),
     **{f"rule.{key}": flag() for key in ("grow_predicted", "decoder_bias", "grow_segments")},

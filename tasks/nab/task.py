@@ -92,6 +92,7 @@ class NabTask(CorpusTask):
         "ensemble": COUNT,
         "hebbian.initial_permanence": FRACTION,
         "hebbian.predicted_decrement": UNIT,
+        "hebbian.max_permanence": FRACTION,
         "spatial_tolerance": number(0, null=True),
         **{key: COUNT for key in ("averaging", "history", "reestimate")},
     }
