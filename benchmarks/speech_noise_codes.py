@@ -141,6 +141,62 @@ def homeostatic_bias(frames: torch.Tensor, weight: torch.Tensor, k: int, seed: i
     return bias
 
 
+def binarise(x: torch.Tensor, q: float) -> torch.Tensor:
+    """1 on each frame's top q of its bins, 0 elsewhere: the spatial pooler's binary input."""
+    return kwinners_mask(x, max(1, round(q * x.shape[-1]))).float()
+
+
+def spatial_pooler(frames: torch.Tensor, weight: torch.Tensor, k: int, seed: int, o: dict) -> torch.Tensor:
+    """HTM's spatial pooler on the map's potential synapses (its non-zeros): permanences start
+    at 0.5 + 0.1 w / max|w| (connected, >= 0.5: the positive weights); each frame's k winners on
+    the overlap with the binarised frame (boosted by duty cycle) move their permanences `inc`
+    up on active inputs, `dec` down on inactive ones. Returns the connected synapses (0/1)."""
+    inc, dec, passes, batch = float(o.get("inc", 0.03)), float(o.get("dec", 0.01)), int(o.get("passes", 1)), 256
+    q, beta, period = float(o.get("q", 0.2)), float(o.get("boost", 0.0)), float(o.get("period", 1000))
+    potential = weight != 0
+    perm = (0.5 + 0.1 * weight / weight.abs().max()) * potential
+    duty, g = torch.full((len(weight),), k / len(weight)), torch.Generator().manual_seed(seed)
+    for _ in range(passes):
+        for idx in torch.randperm(len(frames), generator=g).split(batch):
+            x = binarise(frames[idx], q)
+            overlap = x @ (perm >= 0.5).float().t()
+            choice = overlap * torch.exp(beta * (k / len(weight) - duty)) if beta else overlap
+            won = kwinners_mask(choice + 1e-3 * torch.rand(choice.shape, generator=g), k).float()
+            duty += (won.mean(0) - duty) / period
+            counts = won.sum(0).clamp(min=1).unsqueeze(1)  # mean update over the frames a column won
+            step = (inc + dec) * (won.t() @ x) / counts - dec * (won.sum(0) > 0).float().unsqueeze(1)
+            perm = ((perm + step) * potential).clamp(0, 1)
+    return (perm >= 0.5).float()
+
+
+def contrastive_predictive(clips: torch.Tensor, weight: torch.Tensor, k: int, seed: int, o: dict) -> torch.Tensor:
+    """A map trained by a loss that stays in the layer (CPC / CLAPP-like, no labels): the code
+    z_t (the k winners' scores) predicts z_{t+m} through a bilinear map, against the other
+    steps of the same clip (so the speaker, the same at every step, does not tell them apart);
+    gradients reach only the map (winners) and the bilinear matrix; rows unit norm on the mask."""
+    lr, epochs, m, batch = float(o.get("lr", 1e-3)), int(o.get("epochs", 3)), int(o.get("ahead", 10)), 32
+    torch.manual_seed(seed)
+    mask = weight != 0
+    w = torch.nn.Parameter(F.normalize(weight, dim=1))
+    bilinear = torch.nn.Parameter(torch.eye(len(weight)) * 0.1)
+    opt = torch.optim.Adam([w, bilinear], lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(clips), generator=g).split(batch):
+            scores = clips[idx] @ w.t()  # (B, T, C)
+            z = scores * kwinners_mask(scores.detach(), k)
+            logits = (z[:, :-m] @ bilinear) @ z.transpose(1, 2)  # (B, T - m, T)
+            target = torch.arange(m, z.shape[1]).expand(len(idx), -1)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                w.copy_(F.normalize(w * mask, dim=1))
+    print(f"  contrastive loss {loss.item():.3f} (chance {torch.log(torch.tensor(float(z.shape[1]))):.3f})")
+    return w.detach()
+
+
 def competitive_hebbian(frames: torch.Tensor, weight: torch.Tensor, k: int, seed: int, o: dict) -> torch.Tensor:
     """A map learned by a local, label-free rule from `weight` (its zeros stay zero): each frame's
     k winners on the current map move their rows, `rule=oja`: w += lr y (x - y w), y = w.x;
@@ -224,9 +280,9 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
         return fit_dense(sets, classes, columns, segments, seed, args.dense_epochs, args.lr, args.weight_decay, noise)
     if name == "linear":
         code = lambda split, x: jitter(x, noise, g) if split == "train" and noise else x  # noqa: E731
-    elif name in ("kwta", "kmeans", "hebb"):
-        mean, bias = 0.0, 0.0
-        if name in ("kwta", "hebb"):
+    elif name in ("kwta", "kmeans", "hebb", "pooler", "cpc"):
+        mean, bias, tiebreak = 0.0, 0.0, torch.rand(columns, generator=torch.Generator().manual_seed(seed))
+        if name in ("kwta", "hebb", "pooler", "cpc"):
             torch.manual_seed(seed)
             sparsity = float(o.get("sparsity", 0.5))
             weight = SparseLinear(sets["train"][0].shape[-1], columns, sparsity=sparsity, bias=False).weight.detach()
@@ -246,13 +302,24 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
             weight = weight @ zca if "white" in o else weight
             print(f"  {spec}: learned on {len(frames)} frames in {time.perf_counter() - start:.0f} s", flush=True)
 
+        if name == "cpc":
+            mean = voiced_frames(*sets["train"][:2]).mean(0) if int(o.get("center", 1)) else 0.0
+            weight = contrastive_predictive(sets["train"][0] - mean, weight, k, seed, o)
+        if name == "pooler":
+            q = float(o.get("q", 0.2))
+            frames = voiced_frames(*sets["train"][:2])
+            weight = spatial_pooler(frames, weight, k, seed, o)
+
         def code(split, x):
-            scores = (x - mean) @ weight.t() + bias
+            if name == "pooler":  # overlaps are integers: a fixed tiny random term breaks their ties
+                scores = binarise(x, q) @ weight.t() + 1e-3 * tiebreak
+            else:
+                scores = (x - mean) @ weight.t() + bias
             if split == "train" and noise:
                 scores = jitter(scores, noise, g)
             return kwinners_mask(scores, k if split == "train" else test_k).float()
     else:
-        raise ValueError(f"unknown code {name!r} (kwta | kmeans | hebb | linear | dense)")
+        raise ValueError(f"unknown code {name!r} (kwta | kmeans | hebb | pooler | cpc | linear | dense)")
     features = {s: segment_means(code(s, x), span, segments) for s, (x, span, _) in sets.items()}
     return fit_head(features, labels, classes, seed, args.epochs, args.lr, args.weight_decay)
 
