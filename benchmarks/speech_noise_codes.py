@@ -3,6 +3,7 @@
     python benchmarks/speech_noise_codes.py                          # Speech Commands, 12 classes
     python benchmarks/speech_noise_codes.py --preset speech_fsdd
     python benchmarks/speech_noise_codes.py --codes kwta,kwta:noise=0.5,dense --seed 1
+    python benchmarks/speech_noise_codes.py --preset speech_fsdd --set task.split=speaker --codes kwta,cpc:epochs=10
 
 The local model classifies a fixed random sparse code of each frame (`learning=local`,
 `feedforward_rate: 0`: feedforward map + k-WTA), pooled over the voiced span by the task's
@@ -16,6 +17,14 @@ Scheinkman 2019: no noise, no augmentation). Codes (`name:key=value+key=value`):
              columns, the `k` strongest active (`kt` at test)
     kmeans   the same k-WTA on cosine similarity to `columns` spherical k-means centroids of
              training frames (a learned map)
+    hebb     kwta's map (same seed), learned on the training frames inside the voiced spans
+             by a local rule without labels (`competitive_hebbian`: `rule=oja|mean|residual`,
+             `lr`, `passes`, `boost`; `center=0`: frames not centred; `white=eps`: whitened;
+             `homeo=eta`: per-column biases that equalise the duty cycles; `lr=0`: none)
+    pooler   HTM's spatial pooler on kwta's potential synapses and binarised frames (`q`,
+             `inc`, `dec`, `boost`); the code is the k-WTA of the overlaps
+    cpc      kwta's map trained by a layer-local contrastive loss: the code predicts itself
+             `ahead` steps on, against the other steps of the clip (`epochs`, `lr`, `center`)
     linear   dense: the head on the pooled frames themselves
     dense    dense: a ReLU layer of `columns` units per frame, trained by backprop with the head
 
@@ -23,7 +32,7 @@ Scheinkman 2019: no noise, no augmentation). Codes (`name:key=value+key=value`):
 k-WTA's scores (a stochastic k-WTA), the dense layer's pre-activations, the linear code's
 frames; the same regulariser for the sparse and the dense codes.
 
-Prints test accuracy, the noise score (correct answers over the 11 levels) and its ratio to
+Prints validation and test accuracy, the noise score (correct answers over the 11 levels) and its ratio to
 the `linear` code's. Figures: docs/results.md, "Speech". Minutes on a CPU.
 """
 
