@@ -84,14 +84,14 @@ class PredictiveHebbian:
     - Permanences stay at most `max_permanence`: a link reinforced a hundred times is then
       as easy to unlearn as one reinforced twice, and a continuation that stopped coming stops
       being predicted after (max_permanence - connected) / decrement failures, however long
-      it held before (1.0: HTM's ceiling, seven failures with the defaults).
+      it held before (four failures with the defaults; 1.0, HTM's ceiling: seven).
     - Weakened: active segments of cells in columns that stayed inactive, by
       `predicted_decrement` when the context at t-1 was predicted (a confident prediction
       failed; in a known context only its winners' predictions count), by `burst_decrement`
       after a burst (0 by default: a burst fires every cell of its columns, and any
       decrement there wears down contexts that are right). With the defaults a context
       followed by either of two symbols keeps both, and a continuation that stopped coming
-      fades in seven occurrences (fewer under a lower `max_permanence`).
+      fades in four occurrences (`max_permanence`).
     - The decoder learns the next input from the predicted columns (normalised delta rule)
       and, at `decoder_code_rate`, the current input from the active columns (a column
       decodes to its input from its first activity). Not from a known context's
@@ -114,7 +114,7 @@ class PredictiveHebbian:
     predicted_decrement: float = 0.08
     burst_decrement: float = 0.0
     initial_permanence: float = 0.45
-    max_permanence: float = 1.0
+    max_permanence: float = 0.75
     new_synapses: int = 10
     grow_predicted: bool = False
     decoder_rate: float = 0.5
