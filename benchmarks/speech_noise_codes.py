@@ -155,13 +155,13 @@ def binarise(x: torch.Tensor, q: float) -> torch.Tensor:
     return kwinners_mask(x, max(1, round(q * x.shape[-1]))).float()
 
 
-def spatial_pooler(frames: torch.Tensor, weight: torch.Tensor, k: int, seed: int, o: dict) -> torch.Tensor:
+def spatial_pooler(frames: torch.Tensor, weight: torch.Tensor, k: int, q: float, seed: int, o: dict) -> torch.Tensor:
     """HTM's spatial pooler on the map's potential synapses (its non-zeros): permanences start
     at 0.5 + 0.1 w / max|w| (connected, >= 0.5: the positive weights); each frame's k winners on
-    the overlap with the binarised frame (boosted by duty cycle) move their permanences `inc`
+    the overlap with the frame binarised to its top `q` (boosted by duty cycle) move their permanences `inc`
     up on active inputs, `dec` down on inactive ones. Returns the connected synapses (0/1)."""
     inc, dec, passes, batch = float(o.get("inc", 0.03)), float(o.get("dec", 0.01)), int(o.get("passes", 1)), 256
-    q, beta, period = float(o.get("q", 0.2)), float(o.get("boost", 0.0)), float(o.get("period", 1000))
+    beta, period = float(o.get("boost", 0.0)), float(o.get("period", 1000))
     potential = weight != 0
     perm = (0.5 + 0.1 * weight / weight.abs().max()) * potential
     duty, g = torch.full((len(weight),), k / len(weight)), torch.Generator().manual_seed(seed)
@@ -297,9 +297,11 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
             weight = SparseLinear(sets["train"][0].shape[-1], columns, sparsity=sparsity, bias=False).weight.detach()
         else:
             weight = spherical_kmeans(sets["train"][0].flatten(0, 1), columns, seed)
-        if name == "hebb":
+        if name in ("hebb", "pooler", "cpc"):  # learned from the training frames the head pools
             frames = voiced_frames(*sets["train"][:2])
-            mean = frames.mean(0) if int(o.get("center", 1)) else 0.0
+            q = float(o.get("q", 0.2))
+            mean = frames.mean(0) if name != "pooler" and int(o.get("center", 1)) else 0.0
+        if name == "hebb":
             frames = frames - mean
             if "white" in o:  # the map learns on, and scores, whitened frames: fold the whitening into it
                 zca = whitening(frames, float(o["white"]))
@@ -312,12 +314,9 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
             print(f"  {spec}: learned on {len(frames)} frames in {time.perf_counter() - start:.0f} s", flush=True)
 
         if name == "cpc":
-            mean = voiced_frames(*sets["train"][:2]).mean(0) if int(o.get("center", 1)) else 0.0
             weight = contrastive_predictive(sets["train"][0] - mean, weight, k, seed, o)
         if name == "pooler":
-            q = float(o.get("q", 0.2))
-            frames = voiced_frames(*sets["train"][:2])
-            weight = spatial_pooler(frames, weight, k, seed, o)
+            weight = spatial_pooler(frames, weight, k, q, seed, o)
 
         def code(split, x):
             if name == "pooler":  # overlaps are integers: a fixed tiny random term breaks their ties
