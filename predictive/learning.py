@@ -90,8 +90,8 @@ class PredictiveHebbian:
       failed; in a known context only its winners' predictions count), by `burst_decrement`
       after a burst (0 by default: a burst fires every cell of its columns, and any
       decrement there wears down contexts that are right). With the defaults a context
-      followed by either of two symbols keeps both, and a continuation that stopped coming
-      fades in four occurrences (`max_permanence`).
+      followed by either of two symbols keeps both; one that stopped coming fades as the
+      ceiling above says.
     - The decoder learns the next input from the predicted columns (normalised delta rule)
       and, at `decoder_code_rate`, the current input from the active columns (a column
       decodes to its input from its first activity). Not from a known context's
