@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from predictive.proximal import contrastive_predictive_loss
 from predictive.sparse import SparseLinear, kwinners_mask
 from tasks.speech.data import NoiseSweep
 from tasks.speech.features import frame_energy, voiced_span
@@ -182,7 +183,8 @@ def contrastive_predictive(clips: torch.Tensor, weight: torch.Tensor, k: int, se
     """A map trained by a loss that stays in the layer (CPC / CLAPP-like, no labels): the code
     z_t (the k winners' scores) predicts z_{t+m} through a bilinear map, against the other
     steps of the same clip (so the speaker, the same at every step, does not tell them apart);
-    gradients reach only the map (winners) and the bilinear matrix; rows unit norm on the mask."""
+    gradients reach only the map (winners) and the bilinear matrix; rows unit norm on the mask.
+    The loss of `learning.rule.proximal_ahead` (predictive.proximal), trained offline here."""
     lr, epochs, m, batch = float(o.get("lr", 1e-3)), int(o.get("epochs", 3)), int(o.get("ahead", 10)), 32
     torch.manual_seed(seed)
     mask = weight != 0
@@ -194,9 +196,7 @@ def contrastive_predictive(clips: torch.Tensor, weight: torch.Tensor, k: int, se
         for idx in torch.randperm(len(clips), generator=g).split(batch):
             scores = clips[idx] @ w.t()  # (B, T, C)
             z = scores * kwinners_mask(scores.detach(), k)
-            logits = (z[:, :-m] @ bilinear) @ z.transpose(1, 2)  # (B, T - m, T)
-            target = torch.arange(m, z.shape[1]).expand(len(idx), -1)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            loss = contrastive_predictive_loss(z, bilinear, m)
             opt.zero_grad()
             loss.backward()
             opt.step()

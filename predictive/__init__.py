@@ -11,6 +11,7 @@ from predictive.dendrites import DendriticSegments, DistalSegments
 from predictive.learning import Backprop, Frozen, Hybrid, LearningRule, Local, PredictiveHebbian
 from predictive.learning import build as build_rule
 from predictive.memory import LayerState, LayerStep, TemporalMemory
+from predictive.proximal import contrastive_predictive_loss
 from predictive.sparse import KWinners, SparseLinear, kwinners
 from predictive.stack import PredictiveStack, StackOutput, StepOutput
 
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Backprop", "ConvNet", "DendriticSegments", "DistalSegments", "Frozen", "Hybrid", "KWinners", "LSTMModel",
     "LayerState", "LayerStep", "LearningRule", "Local", "PredictiveHebbian", "PredictiveStack", "SparseLinear",
-    "StackOutput", "StepOutput", "TemporalMemory", "build_rule", "kwinners",
+    "StackOutput", "StepOutput", "TemporalMemory", "build_rule", "contrastive_predictive_loss", "kwinners",
 ]

@@ -260,7 +260,7 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState
     b, t_len, _ = x.shape
     n, c = layer.output_size, layer.columns
     x = x.detach().contiguous()
-    scores = layer.feedforward(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
+    scores = layer.column_scores(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
     noise = torch.rand(t_len, 1 + (hebbian is not None), b, n)  # per step: the winners' tie-break, the growth sample
     state = LayerState(*(value.detach().clone().contiguous() for value in state))
     outputs = [torch.zeros(b, t_len, n), torch.zeros(b, t_len, n), torch.zeros(b, t_len, layer.input_size),

@@ -343,6 +343,10 @@ class LearningRule:
     # layer (inference), or, for a rule that `updates_layers`, its `hebbian` in every layer.
     fused = True
     updates_layers = False  # does `update` or `structural_update` change the layers?
+    def learns_map(self, layer_index: int, layer: TemporalMemory) -> bool:
+        """Does layer `layer_index` learn its feedforward map by its own loss from this chunk
+        (`TemporalMemory.proximal_loss`, `Local`)?"""
+        return False
 
     def is_local(self, layer_index: int) -> bool:
         """Does layer `layer_index` (0 = bottom) learn by explicit local updates, cut off from
@@ -377,6 +381,11 @@ class LearningRule:
     def head_features(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.task_loss_trains_model else features.detach()
 
+    def parameter_groups(self, model: torch.nn.Module, parameters: list) -> list[dict]:
+        """The optimizer's parameter groups for `parameters` (the trainable ones of the model,
+        the head and the encoder): one group, at the optimizer's settings."""
+        return [{"params": parameters}]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -389,12 +398,25 @@ class Local(LearningRule):
     local_loss_weight = 1.0  # models that learn through a loss (the LSTM) use their own
     updates_layers = True
 
-    def __init__(self, fused: bool = True, **hebbian):
+    def __init__(self, fused: bool = True, proximal_lr: float = 1e-3, proximal_chunks: int = 0, **hebbian):
         """fused: on a CPU, run each layer's chunk in one compiled loop (predictive.fused),
-        the same steps as the torch ops at a fraction of their dispatch cost."""
+        the same steps as the torch ops at a fraction of their dispatch cost.
+        The feedforward map of a layer built with `proximal_ahead` > 0 learns by its own
+        contrastive predictive loss (`TemporalMemory.proximal_loss`) through the optimizer that
+        trains the head: the loss is the model's `local_loss`, its gradient stays in the layer.
+        proximal_lr: the learning rate of the maps and their predictors (their own parameter
+        group: the head's rate moves a unit-norm map too far per step).
+        proximal_chunks: 0, the maps learn from every training chunk; n > 0, from their first n
+        (`TemporalMemory.map_updates`), then stay: a head trained beside a map that keeps
+        moving reads a code that changes under it."""
         check_flags(fused=fused)
+        if not proximal_lr > 0:
+            raise ValueError(f"proximal_lr must be > 0, got {proximal_lr}")
+        if isinstance(proximal_chunks, bool) or not isinstance(proximal_chunks, int) or proximal_chunks < 0:
+            raise ValueError(f"proximal_chunks must be an integer >= 0, got {proximal_chunks!r}")
         self.hebbian = PredictiveHebbian(**hebbian)
         self.fused = fused
+        self.proximal_lr, self.proximal_chunks = proximal_lr, proximal_chunks
 
     def is_local(self, layer_index: int) -> bool:
         return True
@@ -408,8 +430,24 @@ class Local(LearningRule):
             if isinstance(layer, TemporalMemory):
                 self.hebbian.check(layer)
 
+    def learns_map(self, layer_index: int, layer: TemporalMemory) -> bool:
+        if not layer.proximal_ahead or not self.is_local(layer_index):
+            return False
+        return self.proximal_chunks == 0 or int(layer.map_updates) < self.proximal_chunks  # one read per chunk
+
+    def parameter_groups(self, model: torch.nn.Module, parameters: list) -> list[dict]:
+        """The feedforward maps and code predictors of the local layers with `proximal_ahead`
+        in a group of their own, at `proximal_lr` and no weight decay (the maps' rows are unit norm)."""
+        layers = [m for m in model.modules() if isinstance(m, TemporalMemory)]
+        own = {id(p) for i, layer in enumerate(layers) if self.is_local(i) and layer.proximal_ahead
+               for p in (layer.feedforward.dense_weight, layer.code_predictor)}
+        groups = [{"params": [p for p in parameters if id(p) not in own]},
+                  {"params": [p for p in parameters if id(p) in own], "lr": self.proximal_lr, "weight_decay": 0.0}]
+        return [group for group in groups if group["params"]]
+
     def __repr__(self) -> str:
-        return f"Local({self.hebbian}, fused={self.fused})"
+        return (f"Local({self.hebbian}, fused={self.fused}, proximal_lr={self.proximal_lr}, "
+                f"proximal_chunks={self.proximal_chunks})")
 
 
 class Backprop(LearningRule):

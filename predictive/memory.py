@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from predictive.dendrites import DistalSegments, straight_through
-from predictive.sparse import KWinners, SparseLinear, check_flags, check_positive, resolve_count
+from predictive.proximal import contrastive_predictive_loss
+from predictive.sparse import KWinners, SparseLinear, check_flags, check_positive, kwinners_mask, resolve_count
 
 
 class LayerState(NamedTuple):
@@ -113,6 +114,10 @@ class TemporalMemory(nn.Module):
         initial_segments: "empty" (local learning grows synapses where contexts need them) or
             "random" (random permanences on random cells: a layer trained by gradient alone
             needs them, an empty segment has no gradient to grow from).
+        proximal_ahead: 0, the feedforward map has no loss of its own; n > 0, it has one
+            (`proximal_loss`): its code predicts its code n steps on, through a (C, C)
+            `code_predictor`. A local rule may learn by it (`Local.proximal_lr`); frozen and
+            gradient rules leave it unused.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class TemporalMemory(nn.Module):
         recall: bool = True,
         fresh_steps: int = 300,
         initial_segments: str = "empty",
+        proximal_ahead: int = 0,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -160,11 +166,20 @@ class TemporalMemory(nn.Module):
         if initial_segments not in ("empty", "random"):
             raise ValueError(f"initial_segments must be 'empty' or 'random', got {initial_segments!r}")
         self.initial_segments = initial_segments
+        if isinstance(proximal_ahead, bool) or not isinstance(proximal_ahead, int) or proximal_ahead < 0:
+            raise ValueError(f"proximal_ahead must be an integer >= 0, got {proximal_ahead!r}")
+        self.proximal_ahead = proximal_ahead
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
         self.decoder = nn.Linear(columns, input_size)
         parametrize.register_parametrization(self.decoder, "weight", ColumnRows())
+        # Proximal learning (`proximal_loss`): the code at t predicts the code ahead through
+        # this map, and the columns score the input less its mean over what the layer has seen.
+        self.code_predictor = nn.Parameter(torch.empty(columns, columns)) if proximal_ahead else None
+        self.register_buffer("input_mean", torch.zeros(input_size))
+        self.register_buffer("input_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("map_updates", torch.zeros((), dtype=torch.long))  # chunks the map learned from
         self.register_buffer("learning_steps", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
@@ -184,6 +199,11 @@ class TemporalMemory(nn.Module):
         with torch.no_grad():
             self.decoder_rows.zero_()  # predicts nothing until it has seen something
             self.decoder.bias.zero_()
+            if self.code_predictor is not None:
+                self.code_predictor.copy_(0.1 * torch.eye(self.columns))
+        self.input_mean.zero_()
+        self.input_steps.zero_()
+        self.map_updates.zero_()
         self.learning_steps.zero_()
         if self.initial_segments == "random":
             self.segments.randomize()
@@ -218,7 +238,7 @@ class TemporalMemory(nn.Module):
 
     def activate(self, x: torch.Tensor, state: LayerState) -> LayerStep:
         b, c, m = x.shape[0], self.columns, self.cells_per_column
-        scores = self.feedforward(x)  # (B, C)
+        scores = self.column_scores(x)  # (B, C)
         columns = self.kwinners.winners(scores)
         column_gate = straight_through(columns.to(x.dtype), self.column_gradient(scores, columns))
         predicted = state.predicted.view(b, c, m)
@@ -241,6 +261,31 @@ class TemporalMemory(nn.Module):
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
         return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly)
+
+    def column_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., C): each column's feedforward score of the input (less its mean,
+        which stays zero unless the map learns: `proximal_loss`)."""
+        return self.feedforward(x - self.input_mean)
+
+    def proximal_loss(self, x: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """The feedforward map's own loss over a chunk x (B, T, D) (`predictive.proximal`): its
+        code at t predicts its code `proximal_ahead` steps on. First, without gradient, the input mean
+        takes in the chunk and each column's weights go back to unit norm (the mask's zeros
+        stay), so no column wins by its scale. The gradient reaches the map and
+        `code_predictor` alone: x is detached."""
+        if not self.proximal_ahead:
+            raise ValueError("proximal_loss needs a layer built with proximal_ahead > 0")
+        x = x.detach()
+        with torch.no_grad():
+            frames = x.reshape(-1, self.input_size)
+            self.map_updates += 1
+            self.input_steps += frames.shape[0]
+            self.input_mean += (frames.sum(0) - frames.shape[0] * self.input_mean) / self.input_steps
+            weight = self.feedforward.dense_weight
+            weight.copy_(F.normalize(weight * self.feedforward.mask, dim=1))
+        scores = self.column_scores(x)  # (B, T, C)
+        code = scores * kwinners_mask(scores.detach(), self.k)
+        return contrastive_predictive_loss(code, self.code_predictor, self.proximal_ahead, reset)
 
     def column_gradient(self, scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """What carries the gradient of the k-WTA gate (its forward value is 0/1). By default
@@ -401,5 +446,5 @@ class TemporalMemory(nn.Module):
             f"input_size={self.input_size}, columns={self.columns}, cells={self.cells_per_column}, "
             f"active_columns={self.k}, activation_threshold={self.activation_threshold}, "
             f"matching_threshold={self.matching_threshold}, recall={self.recall}, fresh_steps={self.fresh_steps}, "
-            f"initial_segments={self.initial_segments!r}"
+            f"initial_segments={self.initial_segments!r}, proximal_ahead={self.proximal_ahead}"
         )

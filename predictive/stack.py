@@ -188,11 +188,26 @@ class PredictiveStack(SequenceModel):
         return steps, new_states, local_loss
 
     def run(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule):
+        # Layers whose feedforward maps learn from this chunk by their own loss (a gradient is wanted).
+        learning = torch.is_grad_enabled()
+        maps = [i for i, layer in enumerate(self.layers) if learning and rule.learns_map(i, layer)]
         hebbian = compiled_rule(rule, self)
         if hebbian is not False and all(fused_supported(layer, hebbian, x) for layer in self.layers):
-            return self.forward_fused(x, state, reset, hebbian)
+            out, state, inputs = self.forward_fused(x, state, reset, hebbian)
+        else:
+            out, state, inputs = self.forward_steps(x, state, reset, rule, keep_inputs=bool(maps))
+        for i in maps:  # `TemporalMemory.proximal_loss`, each layer on its own input (B, T, D_i)
+            out.local_loss = out.local_loss + self.layers[i].proximal_loss(inputs[i], reset)
+        return out, state
+
+    def forward_steps(
+        self, x: torch.Tensor, state: State, reset: torch.Tensor | None, rule: LearningRule, keep_inputs: bool = False
+    ):
+        """`forward` by the torch ops, one step at a time through all layers; also returns each
+        layer's input over the chunk (B, T, D_i) with `keep_inputs`, else None."""
         states = self.layer_states(state)
         cells, predicted, prediction, anomaly = [], [], [], []
+        inputs = [[] for _ in self.layers]
         local_loss = x.new_zeros(())
         # Masked (sparse) weights are computed once per chunk, not once per step; local
         # feedforward learning therefore takes effect from the next chunk on.
@@ -200,6 +215,8 @@ class PredictiveStack(SequenceModel):
             for t in range(x.shape[1]):
                 steps, states, loss = self.step_layers(x[:, t], states, None if reset is None else reset[:, t], rule)
                 local_loss = local_loss + loss
+                for layer_inputs, layer_step in zip(inputs, steps):
+                    layer_inputs.append(layer_step.x)
                 cells.append(steps[-1].cells)
                 predicted.append(states[-1].predicted)
                 prediction.append(states[0].prediction)
@@ -211,21 +228,23 @@ class PredictiveStack(SequenceModel):
             anomaly=torch.stack(anomaly, 1),
             local_loss=local_loss / x.shape[1],
         )
-        return out, self.join_states(states)
+        inputs = [torch.stack(layer_inputs, 1) for layer_inputs in inputs] if keep_inputs else None
+        return out, self.join_states(states), inputs
 
     def forward_fused(self, x: torch.Tensor, state: State, reset: torch.Tensor | None, hebbian):
         """`forward` on a CPU for a rule whose every layer learns by `hebbian` locally, or, with
         `hebbian` None, for a rule that changes no layer (inference): each layer runs the whole
         chunk in one compiled loop (predictive.fused). Nothing of a layer reaches the layers
-        below it then, so the layers can run one after the other."""
+        below it then, so the layers can run one after the other. Also returns each layer's
+        input over the chunk."""
         from predictive import fused  # numba loads the first time the compiled path runs
 
-        outputs, new_states, inputs = [], [], x
+        outputs, new_states, inputs = [], [], [x]
         for layer, layer_state in zip(self.layers, self.layer_states(state)):
-            *out, layer_state = fused.run_layer(layer, hebbian, inputs, layer_state, reset)
+            *out, layer_state = fused.run_layer(layer, hebbian, inputs[-1], layer_state, reset)
             outputs.append(out)
             new_states.append(layer_state)
-            inputs = out[0]
+            inputs.append(out[0])
         (cells, predicted, _, _), (_, _, prediction, anomaly) = outputs[-1], outputs[0]
         out = StackOutput(cells, predicted, prediction, anomaly, local_loss=x.new_zeros(()))
-        return out, self.join_states(new_states)
+        return out, self.join_states(new_states), inputs[:-1]

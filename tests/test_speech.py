@@ -713,11 +713,13 @@ def test_train_py_runs_the_cnn_baseline_on_speech_and_logs_the_confusion_matrix(
     assert len(images) == 1 and images[0].stat().st_size > 1000
 
 
-def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("learning", [("learning=hybrid",), ("learning=local", "model.proximal_ahead=2")])
+def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypatch, learning):
     """A run killed in epoch 1 and resumed from its last.ckpt (written at the end of epoch 0,
     after validation and the scheduler's step) ends with the numbers and weights of the run
     that never stopped: the shuffle depends on (seed, epoch), starting an epoch's loader draws
-    nothing from the RNG that the augmentation and the hybrid rule draw from."""
+    nothing from the RNG that the augmentation and the hybrid rule draw from. Under local
+    learning with learned maps, the maps' optimizer group and input means resume too."""
     from test_harness import TIMING, config
 
     import train
@@ -726,7 +728,7 @@ def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypat
     two_tones(tmp_path / "d")
     run = ("task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
            "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=1",
-           "task.noise_levels=[0.0,0.3]", "learning=hybrid", "model.columns=128", "model.cells=1",
+           "task.noise_levels=[0.0,0.3]", *learning, "model.columns=128", "model.cells=1",
            "model.active_columns=8", "optimizer.lr=0.01", "scheduler=cosine", "trainer.max_epochs=3", "logger=none")
     whole = train.train(config(tmp_path / "whole", *run, base=()))
 
@@ -751,6 +753,11 @@ def test_a_speech_run_stopped_between_epochs_resumes_exactly(tmp_path, monkeypat
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "learning=local" in learning:  # the map learned: its rows left the initial ones, the mean is the inputs'
+        initial = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        assert a["model.layers.0.input_steps"] > initial["model.layers.0.input_steps"] > 0
+        key = "model.layers.0.feedforward.parametrizations.weight.original"
+        assert not torch.equal(a[key], initial[key])
 
 
 # --- label efficiency (task.label_fraction) ---------------------------------------------------

@@ -81,7 +81,8 @@ class PredictiveModule(L.LightningModule):
             self.model.eval()
 
     def configure_optimizers(self):
-        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.make_optimizer(self.rule.parameter_groups(self.model, trainable))
         if self.make_scheduler is None:
             return optimizer
         scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": "epoch"}

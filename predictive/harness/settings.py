@@ -161,6 +161,8 @@ LEARNING = {
     "rule.max_permanence": number("rule.initial_permanence", 1),
     "rule.new_synapses": number(1, "model.synapses", integer=True),
     "rule.connected_grace": number(0, integer=True),
+    "rule.proximal_lr": number(0, low_open=True),
+    "rule.proximal_chunks": number(0, integer=True),
     **{f"rule.{key}": flag() for key in ("grow_predicted", "decoder_bias", "grow_segments")},
     "rule.fused": lambda value, get: flag()(value, get) or (
         "false for learning=hybrid (its layers run step by step)" if value and get("rule.name") == "hybrid" else None),
@@ -187,6 +189,7 @@ LAYER = {
     "first_order_fallback": flag(),
     "recall": flag(),
     "initial_segments": choice("empty", "random"),
+    "proximal_ahead": number(0, integer=True),
 }
 SPARSE = number(0, 1, high_open=True)  # a share of zero weights, [0, 1)
 MODELS = {
