@@ -25,6 +25,8 @@ Scheinkman 2019: no noise, no augmentation). Codes (`name:key=value+key=value`):
              `inc`, `dec`, `boost`); the code is the k-WTA of the overlaps
     cpc      kwta's map trained by a layer-local contrastive loss: the code predicts itself
              `ahead` steps on, against the other steps of the clip (`epochs`, `lr`, `center`)
+    layer    the bottom layer's map and input mean from a run's checkpoint (`ckpt=PATH`), e.g.
+             one trained with `model.proximal_ahead` under `learning=local`
     linear   dense: the head on the pooled frames themselves
     dense    dense: a ReLU layer of `columns` units per frame, trained by backprop with the head
 
@@ -289,13 +291,13 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
         return fit_dense(sets, classes, columns, segments, seed, args.dense_epochs, args.lr, args.weight_decay, noise)
     if name == "linear":
         code = lambda split, x: jitter(x, noise, g) if split == "train" and noise else x  # noqa: E731
-    elif name in ("kwta", "kmeans", "hebb", "pooler", "cpc"):
+    elif name in ("kwta", "kmeans", "hebb", "pooler", "cpc", "layer"):
         mean, bias, tiebreak = 0.0, 0.0, torch.rand(columns, generator=torch.Generator().manual_seed(seed))
         if name in ("kwta", "hebb", "pooler", "cpc"):
             torch.manual_seed(seed)
             sparsity = float(o.get("sparsity", 0.5))
             weight = SparseLinear(sets["train"][0].shape[-1], columns, sparsity=sparsity, bias=False).weight.detach()
-        else:
+        elif name == "kmeans":
             weight = spherical_kmeans(sets["train"][0].flatten(0, 1), columns, seed)
         if name in ("hebb", "pooler", "cpc"):  # learned from the training frames the head pools
             frames = voiced_frames(*sets["train"][:2])
@@ -315,6 +317,11 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
 
         if name == "cpc":
             weight = contrastive_predictive(sets["train"][0] - mean, weight, k, seed, o)
+        if name == "layer":
+            state = torch.load(o["ckpt"], weights_only=True)["state_dict"]
+            weight = state["model.layers.0.feedforward.parametrizations.weight.original"]
+            weight = weight * state["model.layers.0.feedforward.parametrizations.weight.0.mask"]
+            mean = state["model.layers.0.input_mean"]
         if name == "pooler":
             weight = spatial_pooler(frames, weight, k, q, seed, o)
 
@@ -327,7 +334,7 @@ def run_code(spec: str, sets: dict, args, segments: int, classes: int, seed: int
                 scores = jitter(scores, noise, g)
             return kwinners_mask(scores, k if split == "train" else test_k).float()
     else:
-        raise ValueError(f"unknown code {name!r} (kwta | kmeans | hebb | pooler | cpc | linear | dense)")
+        raise ValueError(f"unknown code {name!r} (kwta | kmeans | hebb | pooler | cpc | layer | linear | dense)")
     features = {s: segment_means(code(s, x), span, segments) for s, (x, span, _) in sets.items()}
     return fit_head(features, labels, classes, seed, args.epochs, args.lr, args.weight_decay)
 
