@@ -186,7 +186,7 @@ def contrastive_predictive(clips: torch.Tensor, weight: torch.Tensor, k: int, se
     z_t (the k winners' scores) predicts z_{t+m} through a bilinear map, against the other
     steps of the same clip (so the speaker, the same at every step, does not tell them apart);
     gradients reach only the map (winners) and the bilinear matrix; rows unit norm on the mask.
-    The loss of `learning.rule.proximal_ahead` (predictive.proximal), trained offline here."""
+    The loss of `model.proximal_ahead` (predictive.proximal), trained offline here."""
     lr, epochs, m, batch = float(o.get("lr", 1e-3)), int(o.get("epochs", 3)), int(o.get("ahead", 10)), 32
     torch.manual_seed(seed)
     mask = weight != 0

@@ -343,6 +343,7 @@ class LearningRule:
     # layer (inference), or, for a rule that `updates_layers`, its `hebbian` in every layer.
     fused = True
     updates_layers = False  # does `update` or `structural_update` change the layers?
+
     def learns_map(self, layer_index: int, layer: TemporalMemory) -> bool:
         """Does layer `layer_index` learn its feedforward map by its own loss from this chunk
         (`TemporalMemory.proximal_loss`, `Local`)?"""

@@ -215,8 +215,9 @@ class PredictiveStack(SequenceModel):
             for t in range(x.shape[1]):
                 steps, states, loss = self.step_layers(x[:, t], states, None if reset is None else reset[:, t], rule)
                 local_loss = local_loss + loss
-                for layer_inputs, layer_step in zip(inputs, steps):
-                    layer_inputs.append(layer_step.x)
+                if keep_inputs:
+                    for layer_inputs, layer_step in zip(inputs, steps):
+                        layer_inputs.append(layer_step.x)
                 cells.append(steps[-1].cells)
                 predicted.append(states[-1].predicted)
                 prediction.append(states[0].prediction)
