@@ -35,7 +35,7 @@ from predictive.harness.continual import ContinualEvaluation
 from predictive.harness.files import AtomicCheckpointIO
 from predictive.harness.interrupt import Interrupted, Interruption
 from predictive.harness.module import PredictiveModule
-from predictive.harness.resume import check_checkpoint
+from predictive.harness.resume import check_checkpoint, load_model
 from predictive.harness.settings import check_settings
 from tasks.base import CorpusTask
 
@@ -78,6 +78,9 @@ def prepare(cfg: DictConfig) -> Run:
     if isinstance(task, CorpusTask):  # its own protocol (NAB: a fresh model per file), run by `fit`
         return Run(cfg, task, info, logger=build(cfg.logger, "logger") if cfg.get("logger") else None)
     model = build(cfg.model, "model", input_size=task.input_size)
+    if cfg.get("init_from"):
+        load_model(cfg.init_from, model)
+        info["init_from"] = str(cfg.init_from)
     rule = build(cfg.learning.rule, "learning.rule")
     optimizer = build(cfg.optimizer, "optimizer")
     optimizer([torch.zeros(1, requires_grad=True)])  # let the optimizer check lr & co. now

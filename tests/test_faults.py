@@ -113,7 +113,7 @@ def test_a_checkpoint_of_another_run_is_named(tmp_path, saved):
     torch.save(ckpt, tmp_path / "old.ckpt")
     assert resume_error(tmp_path, tmp_path / "old.ckpt", "model.columns=32") == (
         f"ckpt_path={tmp_path / 'old.ckpt'}: does not fit this model: model.layers.0.feedforward.parametrizations."
-        "weight.original is 64x128 in the checkpoint, 32x128 in this model (saved with other model settings)")
+        "weight.original is 64x128 in the checkpoint, 32x128 here (saved with other model settings)")
 
 
 # --- a run cut short says so -------------------------------------------------------------------
@@ -148,3 +148,20 @@ def test_a_signal_stops_the_run_after_the_batch_with_a_checkpoint_that_resumes_e
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_a_model_to_start_from_that_cannot_be_loaded_is_named(tmp_path, saved):
+    from test_harness import config
+
+    def error(path, *overrides):
+        with pytest.raises(CheckpointError) as e:
+            train.prepare(config(tmp_path / "second", f"init_from={path}", *overrides))
+        assert not (tmp_path / "second").exists()
+        return str(e.value)
+
+    assert error(tmp_path / "nowhere.ckpt") == f"init_from={tmp_path / 'nowhere.ckpt'}: no such file"
+    assert error(saved, "model.columns=32") == (
+        f"init_from={saved}: its model does not fit this one: model.layers.0.feedforward.parametrizations.weight."
+        "original is 64x128 in the checkpoint, 32x128 here (give the model settings it was saved with)")
+    assert error(saved, "model.layers=2").startswith(
+        f"init_from={saved}: its model does not fit this one: missing [model.layers.1.")

@@ -194,6 +194,27 @@ def test_a_frozen_model_ends_as_it_started(tmp_path, model):
     assert head, "the head is trained"
 
 
+def test_a_second_stage_starts_from_the_first_ones_model_with_a_fresh_head(tmp_path):
+    # init_from: a fresh head on the layers a local run learned (under learning=frozen, the
+    # linear evaluation of what they learned); the loaded model then ends as it started.
+    cells = "task.features=cells"  # a linear head on the cells: one with weights to train
+    train.train(config(tmp_path / "first", "learning=local", cells))
+    path = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(path, weights_only=True)["state_dict"]
+    second = train.prepare(config(tmp_path / "second", "learning=frozen", cells, f"init_from={path}")).module
+    fresh = train.prepare(config(tmp_path / "fresh", "learning=frozen", cells)).module
+    model, initial = second.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(value, first[f"model.{k}"]) for k, value in model.items())
+    assert not all(torch.equal(value, initial[k]) for k, value in model.items())  # the first stage learned
+    head = second.head.state_dict()
+    assert all(torch.equal(value, fresh.head.state_dict()[k]) for k, value in head.items())
+    assert not all(torch.equal(value, first[f"head.{k}"]) for k, value in head.items())
+    summary = train.train(config(tmp_path / "trained", "learning=frozen", cells, f"init_from={path}"))
+    assert summary["status"] == "completed" and summary["init_from"] == str(path)
+    end = torch.load(tmp_path / "trained" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(end[k], value) for k, value in first.items() if k.startswith("model."))
+
+
 def test_the_printed_headline_has_the_task_figures_and_counts():
     summary = {"seed": 0, "final_accuracy": 0.99947, "elements_to_95": 1031, "recovery_elements": None,
                "train/loss": 0.5, "fused": True, "us_per_element": 196.13}

@@ -50,6 +50,21 @@ def check_checkpoint(path, module, run: dict | None = None, processes: int = 1, 
     return checkpoint
 
 
+def load_model(path, model, setting: str = "init_from") -> None:
+    """Start `model` from the model saved in the checkpoint at `path` (its layers' maps,
+    segments, decoders and buffers; not the head, optimizer or stream state): a second stage
+    that trains a fresh head on layers another run learned. A CheckpointError names the path
+    when the file cannot be read or its model is not this one."""
+    checkpoint = load_checkpoint(path, setting)
+    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    expected = {f"model.{k}": v for k, v in model.state_dict().items()}
+    problem = misfit(saved, expected)
+    if problem:
+        raise CheckpointError(f"{setting}={path}: its model does not fit this one: {problem} (give the model "
+                              "settings it was saved with)")
+    model.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
+
+
 def other_run(saved: dict, run: dict, processes: int | None) -> str | None:
     """What tells the run that saved a checkpoint from this one, or None."""
     for key, value in run["choices"].items():
@@ -70,20 +85,26 @@ def other_run(saved: dict, run: dict, processes: int | None) -> str | None:
 
 def other_model(checkpoint: dict, module) -> str | None:
     """Why `module` cannot load the checkpoint's weights and stream state, or None."""
-    saved, expected = checkpoint["state_dict"], module.state_dict()
-    missing, unknown = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
-    if missing or unknown:
-        return f"does not fit this model: missing {_few(missing)}, unknown {_few(unknown)} (saved by another model)"
-    for name, value in expected.items():
-        if tuple(saved[name].shape) != tuple(value.shape):
-            return (f"does not fit this model: {name} is {_shape(saved[name])} in the checkpoint, {_shape(value)} "
-                    "in this model (saved with other model settings)")
+    problem = misfit(checkpoint["state_dict"], module.state_dict())
+    if problem:
+        return f"does not fit this model: {problem} (saved with other model settings)"
     state = checkpoint.get("stream_state")
     if state is not None:  # a state from another model or version would fail mid-step
         keys = set(module.model.initial_state(1))
         if set(state) != keys:
             return (f"the checkpoint's stream state does not fit this model: missing {sorted(keys - set(state))}, "
                     f"unknown {sorted(set(state) - keys)} (saved by another model or an older version)")
+    return None
+
+
+def misfit(saved: dict, expected: dict) -> str | None:
+    """What keeps tensors `saved` from loading where `expected` are (names, then shapes), or None."""
+    missing, unknown = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or unknown:
+        return f"missing {_few(missing)}, unknown {_few(unknown)}"
+    for name, value in expected.items():
+        if tuple(saved[name].shape) != tuple(value.shape):
+            return f"{name} is {_shape(saved[name])} in the checkpoint, {_shape(value)} here"
     return None
 
 
