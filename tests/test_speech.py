@@ -774,6 +774,32 @@ def test_the_labelled_subset_is_stratified_seeded_and_keeps_every_class():
     assert labelled_subset(labels, 1.0, seed=3).all()
 
 
+def test_the_layers_learn_without_labels(tmp_path):
+    # Under learning=local no label reaches the layers (their segments and, with proximal
+    # learning, their maps): a run with a quarter of the labels ends with the very model of a
+    # run with all of them; only the head differs. A second stage (init_from) can then read
+    # one map at every label fraction.
+    from test_harness import config
+
+    import train
+
+    two_tones(tmp_path / "d")
+    common = ("task=speech", "task.dataset=folder", f"task.root={tmp_path / 'd'}", "task.sample_rate=8000",
+              "task.n_fft=256", "task.clip_seconds=0.5", "task.n_mels=20", "task.context_frames=2",
+              "task.noise_levels=[0.0]", "learning=local", "model.columns=64", "model.cells=2",
+              "model.active_columns=8", "model.proximal_ahead=2", "trainer.max_epochs=2", "logger=none", "test=false")
+    ends = {}
+    for fraction in (1.0, 0.25):
+        train.train(config(tmp_path / str(fraction), *common, f"task.label_fraction={fraction}", base=()))
+        ends[fraction] = torch.load(tmp_path / str(fraction) / "checkpoints" / "last.ckpt",
+                                    weights_only=True)["state_dict"]
+    model = [k for k in ends[1.0] if k.startswith("model.")]
+    map_key = "model.layers.0.feedforward.parametrizations.weight.original"
+    assert ends[1.0]["model.layers.0.map_updates"] > 0 and map_key in model  # the map learned
+    assert all(torch.equal(ends[1.0][k], ends[0.25][k]) for k in model)
+    assert not torch.equal(ends[1.0]["head.linear.weight"], ends[0.25]["head.linear.weight"])
+
+
 def test_withheld_labels_train_the_layers_under_local_and_leave_the_clips_out_otherwise(tmp_path):
     from tasks.speech.data import UNLABELLED
     from tasks.speech.task import SpeechTask
