@@ -76,6 +76,10 @@ def prepare(cfg: DictConfig) -> Run:
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     info = {"task": choices.task, "learning": choices.learning, "model": choices.model, "seed": cfg.seed}
     if isinstance(task, CorpusTask):  # its own protocol (NAB: a fresh model per file), run by `fit`
+        for setting in ("ckpt_path", "init_from"):
+            if cfg.get(setting):
+                raise ValueError(f"{setting}={cfg[setting]}: task={choices.task} starts a fresh model for every "
+                                 "file and reads no checkpoint")
         return Run(cfg, task, info, logger=build(cfg.logger, "logger") if cfg.get("logger") else None)
     model = build(cfg.model, "model", input_size=task.input_size)
     if cfg.get("init_from"):

@@ -155,6 +155,13 @@ def test_bad_settings_are_named(setting, match):
         NabTask(data_dir=NAB.parent, **setting)
 
 
+@pytest.mark.parametrize("setting", ["ckpt_path", "init_from"])
+def test_a_checkpoint_is_refused_not_ignored(tmp_path, setting):
+    # Every file starts a fresh model: a checkpoint to resume or start from would be ignored.
+    with pytest.raises(ValueError, match=rf"^{setting}=any.ckpt: task=nab starts a fresh model for every file"):
+        train.prepare(config(tmp_path, "task=nab", *SMALL, f"{setting}=any.ckpt", base=[]))
+
+
 def test_download_unpacks_nabs_archive(tmp_path, monkeypatch):
     """task.download=true with nothing there: NAB's repository archive (a stand-in in the same
     layout) is unpacked into <data_dir>/nab; nothing is fetched when the corpus is there."""
