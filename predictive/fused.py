@@ -41,6 +41,7 @@ class Settings(NamedTuple):
     connected_permanence: np.float32
     recall: bool
     fresh_steps: int
+    start_cells: bool
     training: bool  # KWinners in training mode: duty cycles and boosting move
     duty_cycle_period: int
     density: np.float32
@@ -140,6 +141,7 @@ class Step(NamedTuple):
     winners: np.ndarray  # (B, N) bool
     anomaly: np.ndarray  # (B,) float32
     prev_active: np.ndarray  # (B, N) bool: fired or won at t-1, what segments learn from
+    start: np.ndarray  # (B,) bool: the step starts a context (`TemporalMemory.starts`)
 
 
 class Ranking(NamedTuple):
@@ -209,8 +211,9 @@ def settings(layer: TemporalMemory, hebbian) -> Settings:
         cells_per_column=int(layer.cells_per_column), segments=int(layer.segments.num_segments),
         activation_threshold=int(layer.activation_threshold), matching_threshold=int(layer.matching_threshold),
         connected_permanence=f32(layer.segments.connected_permanence), recall=bool(layer.recall),
-        fresh_steps=int(layer.fresh_steps), training=bool(kw.training), duty_cycle_period=int(kw.duty_cycle_period),
-        density=f32(kw.density), boost_strength_factor=f32(kw.boost_strength_factor),
+        fresh_steps=int(layer.fresh_steps), start_cells=bool(layer.start_cells), training=bool(kw.training),
+        duty_cycle_period=int(kw.duty_cycle_period), density=f32(kw.density),
+        boost_strength_factor=f32(kw.boost_strength_factor),
         new_synapses=int(h.new_synapses), grow_predicted=bool(h.grow_predicted), connected_grace=int(h.connected_grace),
         permanence_increment=f32(h.permanence_increment), permanence_decrement=f32(h.permanence_decrement),
         predicted_decrement=f32(h.predicted_decrement), burst_decrement=f32(h.burst_decrement),
@@ -238,7 +241,8 @@ def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
     floats = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
     ints = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
     return Work(
-        Step(bools(b, c), bools(b, c), bools(b, c), bools(b, c), floats(b, n), bools(b, n), floats(b), bools(b, n)),
+        Step(bools(b, c), bools(b, c), bools(b, c), bools(b, c), floats(b, n), bools(b, n), floats(b), bools(b, n),
+             bools(b)),
         Ranking(floats(c), floats(c), floats(c)),
         Learning(ints(b * g, 2), ints(b * g), floats(b * g), floats(b * g), ints(b, n), bools(b), ints(b, k),
                  bools(b, k), floats(n)),
@@ -392,9 +396,15 @@ def activate(cfg, state, step):
     n_len, m = cells.shape[1], cfg.cells_per_column
     for b in range(b_len):
         hits = 0
+        nothing_predicted = True
         for n in range(n_len):
             prev_active[b, n] = state.cells[b, n] > 0 or state.winners[b, n] > 0  # fired or won at t-1
             cells[b, n] = 0.0
+            nothing_predicted &= predicted[b, n] <= 0
+        step.start[b] = cfg.start_cells and nothing_predicted and state.diverted[b] != 3  # `TemporalMemory.starts`
+        if step.start[b] and state.anomaly[b] != 1:  # ... and after a step nothing predicted, or none
+            for c in range(c_len):
+                step.start[b] &= state.columns[b, c] <= 0
         for c in range(c_len):
             bursting[b, c] = False
             if not columns[b, c]:
@@ -417,14 +427,15 @@ def activate(cfg, state, step):
 @numba.njit(cache=True)
 def choose_winners(cfg, state, step, noise, used):
     """`TemporalMemory.choose_winners`: the fired cells the context predicted win; a novel
-    column (none did) takes one winner, the cell with the best matching segment, else the
-    least `used` cell (`noise` (B, N) breaks ties)."""
+    column (none did) takes one winner, the cell with the best matching segment, else its
+    first cell at a start, else the least `used` cell (`noise` (B, N) breaks ties)."""
     columns, cells, winners, novel, matched = step.columns, step.cells, step.winners, step.novel, step.matched
     context, potential = state.context_predicted, state.potential_overlap
     b_len, c_len = columns.shape
     m = cfg.cells_per_column
     for b in range(b_len):
         winners[b] = False
+        start = step.start[b]
         for c in range(c_len):
             novel[b, c] = False
             matched[b, c] = False
@@ -444,7 +455,10 @@ def choose_winners(cfg, state, step, noise, used):
                     if potential[b, n, s] > best_value:
                         best_value, best_cell = potential[b, n, s], n
             matched[b, c] = best_value >= cfg.matching_threshold
-            winners[b, best_cell if matched[b, c] else least_used(used, noise[b], c * m, (c + 1) * m)] = True
+            if matched[b, c]:
+                winners[b, best_cell] = True
+            else:  # a new context: a start's first cell, else the least used
+                winners[b, c * m if start else least_used(used, noise[b], c * m, (c + 1) * m)] = True
 
 
 @numba.njit(cache=True)
@@ -574,7 +588,8 @@ def wrong_rows(cfg, state, step, learning, first):
 def growth_rows(cfg, state, segments, step, learning, reinforced):
     """`PredictiveHebbian.learn_segments`' `grow_segment` and `missing`: the reinforced rows
     (only a novel column's matched segment grows unless `grow_predicted`), then a new segment
-    on each unmatched novel winner of a stream that had winners. Returns the rows' count."""
+    on each unmatched novel winner of a stream that had winners, and does not start a
+    context. Returns the rows' count."""
     winners, novel, matched, rows, missing = step.winners, step.novel, step.matched, learning.rows, learning.missing
     s_len, m = cfg.segments, cfg.cells_per_column
     for i in range(reinforced):
@@ -584,7 +599,7 @@ def growth_rows(cfg, state, segments, step, learning, reinforced):
         missing[i] = max(cfg.new_synapses - int(state.potential_overlap[b, n, s]), 0) if grows else 0
     count = reinforced
     for b in range(winners.shape[0]):
-        if not learning.had_winners[b]:
+        if not learning.had_winners[b] or step.start[b]:
             continue
         for n in range(winners.shape[1]):
             c = n // m
@@ -761,13 +776,15 @@ def predict(cfg, state, segments, decoder, step, index, overlaps, out, t):
     for b in range(step.cells.shape[0]):
         known, through_burst = carried_on(step.matched[b], step.novel[b], step.bursting[b],
                                           state.matching_columns[b], state.diverted[b])
+        start = step.start[b]
+        known |= start
         for n in range(step.cells.shape[1]):
             state.winners[b, n] = step.winners[b, n]
             state.cells[b, n] = out.cells[b, t, n] = step.cells[b, n]
         state.columns[b] = step.columns[b]
         predict_cells(cfg, state, segments, b, index, overlaps, out.predicted[b, t])
         recalled = recall(cfg, state, segments, b, index, overlaps) if known else False
-        state.diverted[b] = 2.0 if through_burst else 1.0 if known else 0.0
+        state.diverted[b] = 3.0 if start else 2.0 if through_burst else 1.0 if known else 0.0
         for c in range(predicted_columns.shape[1]):  # a known context's recall stands in for the burst's union
             top = np.float32(0.0)
             for n in range(c * m, (c + 1) * m):

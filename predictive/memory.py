@@ -36,7 +36,8 @@ class LayerState(NamedTuple):
     active_overlap: torch.Tensor  # (B, N, S) segment overlaps with `cells` (connected), for learning
     potential_overlap: torch.Tensor  # (B, N, S) ... (potential)
     context_predicted: torch.Tensor  # (B, N) cells the context alone predicts (see predict)
-    diverted: torch.Tensor  # (B,) 0: none; 1: this step's winners alone stand for its context; 2: ... after a burst
+    diverted: torch.Tensor  # (B,) 0: none; 1: this step's winners alone stand for its context; 2: ... after a burst;
+    # 3: ... the start of a context (`start_cells`)
     matching_columns: torch.Tensor  # (B, C) columns with a segment matching `cells`
     predicted_columns: torch.Tensor  # (B, C) what the decoder decodes
     prediction: torch.Tensor  # (B, D) decoded prediction of the coming input
@@ -111,6 +112,12 @@ class TemporalMemory(nn.Module):
             without connecting and were learned within this many steps: a continuation seen
             once, lately; a link that faded after the stream changed is older. 0: off (for
             layers whose decoder a gradient trains: it learns whatever columns are decoded).
+        start_cells: a step that nothing predicted at all (after noise, or a reset) starts a
+            context: its bursting columns learn on their first cell, not a random one, and
+            the next step goes on from those cells alone (a known context, `predict`), not
+            from the burst's union. The same symbol then starts the same code on every pass,
+            so what follows it learns one cell per start, apart from the contexts where
+            that symbol comes in a middle (docs/core.md). False: a random least-used cell.
         initial_segments: "empty" (local learning grows synapses where contexts need them) or
             "random" (random permanences on random cells: a layer trained by gradient alone
             needs them, an empty segment has no gradient to grow from).
@@ -124,7 +131,7 @@ class TemporalMemory(nn.Module):
         self,
         input_size: int,
         columns: int = 256,
-        cells: int = 8,
+        cells: int = 16,
         active_columns: int | float = 10,
         segments: int = 4,
         synapses: int = 24,
@@ -139,6 +146,7 @@ class TemporalMemory(nn.Module):
         soft_kwta: float = 0.0,
         recall: bool = True,
         fresh_steps: int = 300,
+        start_cells: bool = True,
         initial_segments: str = "empty",
         proximal_ahead: int = 0,
     ):
@@ -158,8 +166,8 @@ class TemporalMemory(nn.Module):
         if soft_kwta < 0:
             raise ValueError(f"soft_kwta must be >= 0, got {soft_kwta}")
         self.soft_kwta = soft_kwta
-        check_flags(first_order_fallback=first_order_fallback, recall=recall)
-        self.recall = recall
+        check_flags(first_order_fallback=first_order_fallback, recall=recall, start_cells=start_cells)
+        self.recall, self.start_cells = recall, start_cells
         if isinstance(fresh_steps, bool) or not isinstance(fresh_steps, int) or fresh_steps < 0:
             raise ValueError(f"fresh_steps must be an integer >= 0, got {fresh_steps!r}")
         self.fresh_steps = fresh_steps
@@ -318,8 +326,9 @@ class TemporalMemory(nn.Module):
         """The cells that learn this context: in an active column, the cells the context
         predicted; in a *novel* column, one that the context did not predict, one winner: the
         cell with the best matching segment, else the least used cell (random tie-break), so
-        that a new context gets a new cell. Novel columns are the bursting ones, and those
-        predicted only through the cells that fired in a burst beside its winner (`predict`).
+        that a new context gets a new cell, or at the start of a context its first cell
+        (`starts`). Novel columns are the bursting ones, and those predicted only through the
+        cells that fired in a burst beside its winner (`predict`).
         Returns (winners (B, N), matched (B, C), novel (B, C))."""
         b, c, m = columns.shape[0], self.columns, self.cells_per_column
         context = state.context_predicted.view(b, c, m) > 0
@@ -332,9 +341,18 @@ class TemporalMemory(nn.Module):
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
         tie_break = torch.rand(b, c, m, device=best.device)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
-        chosen = torch.where(matched, best_cell, least_used)
+        chosen = torch.where(matched, best_cell, torch.where(self.starts(state).unsqueeze(-1), 0, least_used))
         new_winner = (chosen.unsqueeze(-1) == torch.arange(m, device=chosen.device)) & novel.unsqueeze(-1)
         return (predicted | new_winner).view(b, -1), matched, novel
+
+    def starts(self, state: LayerState) -> torch.Tensor:
+        """(B,) bool: does the step after `state` start a context (`start_cells`)? Nothing was
+        predicted for it, after a step that nothing predicted either (every column burst:
+        noise), or no step (a reset). Not after a predicted step whose cells predict nothing
+        yet (a context learned on new cells last pass), nor after a start itself: early in
+        a stream, a symbol that predicts nothing yet would start a chain of first cells."""
+        unpredicted = (state.anomaly == 1) | (state.columns.amax(-1) == 0)
+        return (state.predicted.amax(-1) == 0) & unpredicted & (state.diverted != 3) & self.start_cells
 
     def predict(self, step: LayerStep) -> LayerState:
         """Cells predicted for t+1 from the activity at t, and their decoding into input space."""
@@ -350,14 +368,16 @@ class TemporalMemory(nn.Module):
         # column that bursts although one of its segments matched the cells of t-1
         # (`matching_columns`: a transition seen before, not connected yet), but not through
         # two such bursts in a row (with four endings per context that spread contexts over
-        # new cells); a burst that nothing matched (noise) ends it.
+        # new cells); a burst that nothing matched (noise) ends it. A step that nothing
+        # predicted starts a known context on its columns' first cells (`start_cells`).
         predicted = self.soft_threshold(active.amax(-1))
         context = predicted.detach()
         diverted = step.prev.diverted > 0
         carried = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
         relearning = step.bursting & (step.prev.matching_columns > 0) & (step.prev.diverted == 1).unsqueeze(-1)
         through_burst = diverted & ~carried & relearning.any(-1)
-        known = carried | through_burst
+        start = self.starts(step.prev)
+        known = carried | through_burst | start
         matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
         predicted_columns = column_activity(predicted, self.cells_per_column)
         # Computed for every stream, known context or not, and selected by `known`: the step
@@ -391,7 +411,7 @@ class TemporalMemory(nn.Module):
             active_overlap=active.detach(),
             potential_overlap=potential,
             context_predicted=context,
-            diverted=known.to(step.cells.dtype) + through_burst.to(step.cells.dtype),
+            diverted=torch.where(start, 3.0, known.to(step.cells.dtype) + through_burst.to(step.cells.dtype)),
             matching_columns=matching_columns.to(step.cells.dtype),
             predicted_columns=predicted_columns,
             prediction=self.decode(predicted_columns),
@@ -446,5 +466,6 @@ class TemporalMemory(nn.Module):
             f"input_size={self.input_size}, columns={self.columns}, cells={self.cells_per_column}, "
             f"active_columns={self.k}, activation_threshold={self.activation_threshold}, "
             f"matching_threshold={self.matching_threshold}, recall={self.recall}, fresh_steps={self.fresh_steps}, "
+            f"start_cells={self.start_cells}, "
             f"initial_segments={self.initial_segments!r}, proximal_ahead={self.proximal_ahead}"
         )

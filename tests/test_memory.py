@@ -278,7 +278,7 @@ def test_a_new_segment_evicts_a_link_seen_once_before_an_established_one(grace, 
         seg.presynaptic[19, :2], seg.permanence[19, :2], seg.last_learned[19] = torch.tensor([2, 3]), 0.45, 20
     layer.learning_steps.fill_(40)
     prev = layer.initial_state(1)
-    prev.cells[0, [28, 29]] = prev.winners[0, [28, 29]] = 1.0
+    prev.cells[0, [28, 29]] = prev.winners[0, [28, 29]] = prev.columns[0, 7] = 1.0  # predicted: no start
     step = burst_of_columns_2_and_3(layer, prev, matched=False)
     with torch.no_grad():
         build("local", new_synapses=2, connected_grace=grace).hebbian.learn_segments(layer, step)
@@ -298,10 +298,35 @@ def test_local_learning_keeps_the_cached_synapse_masks_exact(fused):
     assert torch.equal(seg.synapse_masks(), torch.stack([p >= seg.connected_permanence, p > 0]).float())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("start_cells", [True, False])
+def test_a_step_that_nothing_predicted_starts_on_its_columns_first_cells(fused, start_cells):
+    # From the initial state nothing is predicted for symbol 0: with start_cells its columns
+    # burst onto their first cells and the context counts as known (diverted 3: the next step
+    # fires only what those cells predict), and symbol 1's winners grow towards those cells;
+    # without, onto random least-used cells. Symbol 1 starts nothing (the step before did).
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL, start_cells=start_cells)
+    rule = build("local", new_synapses=6, fused=fused)
+    x = stream([0, 1], 1)
+    out, state = stack(x[:, :1], stack.initial_state(1), learning=rule)
+    assert state["0.diverted"].tolist() == [3.0 if start_cells else 0.0]
+    out, state = stack(x[:, 1:], state, learning=rule)
+    assert out.cells[0, 0].sum() == 8 * 4  # symbol 1 bursts: nothing predicts it yet
+    assert state["0.diverted"].tolist() == [0.0]
+    seg = stack.layers[0].segments
+    grown = seg.last_learned >= 0
+    presynaptic = seg.presynaptic[grown][seg.permanence[grown] > 0]
+    assert len(presynaptic) == 8 * 6  # a segment on each of symbol 1's 8 winners, towards symbol 0's
+    assert (presynaptic % 4 == 0).all().item() is start_cells
+
+
 def layer_with_an_old_context() -> TemporalMemory:
     """8 columns x 4 cells; cell 0 of columns 4 and 5 (cells 16, 20) has a connected segment
-    onto cell 0 of columns 2 and 3 (cells 8, 12): an older context."""
-    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, **THRESHOLDS)
+    onto cell 0 of columns 2 and 3 (cells 8, 12): an older context. The steps tested come
+    after a step that predicted something (not the start of a context: start_cells off)."""
+    layer = TemporalMemory(8, columns=8, cells=4, active_columns=2, segments=2, synapses=4, start_cells=False,
+                           **THRESHOLDS)
     seg = layer.segments
     with torch.no_grad():
         for cell in (16, 20):

@@ -188,6 +188,7 @@ LAYER = {
     "fresh_steps": number(0, integer=True),
     "first_order_fallback": flag(),
     "recall": flag(),
+    "start_cells": flag(),
     "initial_segments": choice("empty", "random"),
     "proximal_ahead": number(0, integer=True),
 }
