@@ -63,8 +63,9 @@ class Settings(NamedTuple):
 
 class Chunk(NamedTuple):
     """A chunk's inputs: column scores (B, T, C), input (B, T, D), resets (B, T) bool, and each
-    step's random numbers (T, 2, B, N): the winners' tie-break, then the growth sample (T, 1,
-    B, N without learning: the tie-break alone, as the torch steps draw them)."""
+    step's random numbers (T, 2, B, A * M), A = `TemporalMemory.max_active`: the winners'
+    tie-break (`TemporalMemory.column_noise`), then the growth sample (T, 1, B, A * M without
+    learning: the tie-break alone, as the torch steps draw them)."""
 
     scores: np.ndarray
     x: np.ndarray
@@ -265,7 +266,8 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState
     n, c = layer.output_size, layer.columns
     x = x.detach().contiguous()
     scores = layer.column_scores(x).contiguous()  # (B, T, C): the masked weights are fixed within a chunk
-    noise = torch.rand(t_len, 1 + (hebbian is not None), b, n)  # per step: the winners' tie-break, the growth sample
+    # Per step: the winners' tie-break, the growth sample (`Chunk`).
+    noise = torch.rand(t_len, 1 + (hebbian is not None), b, layer.max_active * layer.cells_per_column)
     state = LayerState(*(value.detach().clone().contiguous() for value in state))
     outputs = [torch.zeros(b, t_len, n), torch.zeros(b, t_len, n), torch.zeros(b, t_len, layer.input_size),
                torch.zeros(b, t_len)]
@@ -433,14 +435,17 @@ def choose_winners(cfg, state, step, noise, used):
     context, potential = state.context_predicted, state.potential_overlap
     b_len, c_len = columns.shape
     m = cfg.cells_per_column
+    slots = noise.shape[1] // m
     for b in range(b_len):
         winners[b] = False
         start = step.start[b]
+        row = -1  # the active column's row of `noise` (`TemporalMemory.column_noise`)
         for c in range(c_len):
             novel[b, c] = False
             matched[b, c] = False
             if not columns[b, c]:
                 continue
+            row = min(row + 1, slots - 1)
             any_winner = False
             for n in range(c * m, (c + 1) * m):
                 if cells[b, n] > 0 and context[b, n] > 0:
@@ -458,7 +463,7 @@ def choose_winners(cfg, state, step, noise, used):
             if matched[b, c]:
                 winners[b, best_cell] = True
             else:  # a new context: a start's first cell, else the least used
-                winners[b, c * m if start else least_used(used, noise[b], c * m, (c + 1) * m)] = True
+                winners[b, c * m if start else least_used(used, noise[b, row * m:(row + 1) * m], c * m)] = True
 
 
 @numba.njit(cache=True)
@@ -474,12 +479,12 @@ def segments_in_use(last_learned, used):
 
 
 @numba.njit(cache=True)
-def least_used(used, noise, first, end):
-    """`TemporalMemory.choose_winners`' fallback: of the cells first..end-1 (a column), the one
-    with the fewest segments in use, `noise` (N,) breaking ties."""
+def least_used(used, noise, first):
+    """`TemporalMemory.choose_winners`' fallback: of the cells first.. of a column, the one
+    with the fewest segments in use, `noise` (M,) breaking ties."""
     chosen, lowest = first, np.float32(np.inf)
-    for n in range(first, end):
-        value = used[n] + noise[n]
+    for n in range(first, first + noise.shape[0]):
+        value = used[n] + noise[n - first]
         if value < lowest:
             chosen, lowest = n, value
     return chosen
@@ -631,10 +636,12 @@ def new_segment_slot(cfg, segments, cell):
 @numba.njit(cache=True)
 def sample_winners(winners, noise, sample, valid):
     """`PredictiveHebbian.grow`'s sample: per stream, up to `new_synapses` winners of t-1
-    (`winners` (B, N)), highest `noise` first."""
+    (`winners` (B, N)), highest `noise` first (the i-th winner's is noise[b, i])."""
     for b in range(winners.shape[0]):
-        candidates = np.flatnonzero((winners[b] > 0) & (noise[b] > 0))
-        order = candidates[np.argsort(-noise[b, candidates], kind="mergesort")]
+        candidates = np.flatnonzero(winners[b] > 0)
+        drawn = noise[b, np.minimum(np.arange(candidates.size), noise.shape[1] - 1)]
+        candidates, drawn = candidates[drawn > 0], drawn[drawn > 0]
+        order = candidates[np.argsort(-drawn, kind="mergesort")]
         for j in range(sample.shape[1]):
             valid[b, j] = j < order.size
             sample[b, j] = order[j] if j < order.size else 0

@@ -178,8 +178,11 @@ class PredictiveHebbian:
         prev_active = (prev.cells > 0) | (prev.winners > 0)  # (B, N): fired or won at t-1
         prev_winners = prev.winners > 0
         # Drawn at every step, used or not, so that the random stream does not depend on what
-        # was learned (predictive.fused draws a chunk's numbers at once).
-        sample_noise = torch.rand(prev_winners.shape, device=prev_winners.device)
+        # was learned (predictive.fused draws a chunk's numbers at once): one number for each
+        # winner a step can have, the i-th winner of t-1 (in index order) takes number i.
+        slots = layer.max_active * m
+        draws = torch.rand(b, slots, device=prev_winners.device)
+        sample_noise = draws.gather(1, (prev_winners.long().cumsum(-1) - 1).clamp(0, slots - 1))
         potential = prev.potential_overlap  # (B, N, S)
 
         # Segments that predicted a winner of a column that is now active (and not novel).
@@ -205,7 +208,7 @@ class PredictiveHebbian:
         # Only cells of active columns learn: at most `active` x M x S segments per stream, and
         # one new segment per active column. How many segments failed has no such bound.
         fixed = self.fixed(step.x)
-        active = max(layer.k, layer.kwinners.k_inference)
+        active = layer.max_active
         learn = entries(learning.view(b, -1), active * m * s, fixed)
         version = seg.permanence._version
         ceiling = self.max_permanence

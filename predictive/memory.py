@@ -339,11 +339,25 @@ class TemporalMemory(nn.Module):
         best_value, best_cell = best.max(-1)
         matched = novel & (best_value >= self.matching_threshold)
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
-        tie_break = torch.rand(b, c, m, device=best.device)
+        tie_break = self.column_noise(columns)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, torch.where(self.starts(state).unsqueeze(-1), 0, least_used))
         new_winner = (chosen.unsqueeze(-1) == torch.arange(m, device=chosen.device)) & novel.unsqueeze(-1)
         return (predicted | new_winner).view(b, -1), matched, novel
+
+    @property
+    def max_active(self) -> int:
+        """The most columns active in a step (k, or k in eval mode if larger)."""
+        return max(self.k, self.kwinners.k_inference)
+
+    def column_noise(self, columns: torch.Tensor) -> torch.Tensor:
+        """(B, C) active columns -> (B, C, M) random numbers in [0, 1) for their cells: drawn
+        for `max_active` columns, the i-th active column (in index order) takes row i. A
+        step's random draw scales with its active cells, not with the layer."""
+        b, m = columns.shape[0], self.cells_per_column
+        draws = torch.rand(b, self.max_active, m, device=columns.device)
+        row = (columns.long().cumsum(-1) - 1).clamp(0, self.max_active - 1)
+        return draws.gather(1, row.unsqueeze(-1).expand(-1, -1, m))
 
     def starts(self, state: LayerState) -> torch.Tensor:
         """(B,) bool: does the step after `state` start a context (`start_cells`)? Nothing was

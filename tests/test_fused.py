@@ -289,8 +289,8 @@ import torch
 sys.path.insert(0, "tests")
 import test_fused
 from predictive import fused
-try:  # one past the end of a 2-cell noise
-    fused.least_used(np.zeros(3, dtype=np.float32), np.zeros(2, dtype=np.float32), 0, 3)
+try:  # one past the end of a 1-cell `used`
+    fused.least_used(np.zeros(1, dtype=np.float32), np.zeros(2, dtype=np.float32), 0)
     sys.exit("NUMBA_BOUNDSCHECK did not take: an index past the end went unchecked")
 except IndexError:
     pass
