@@ -15,6 +15,7 @@ and its prediction agree to float rounding (its sums run in another order).
 tests/test_fused.py checks both over random settings.
 """
 
+import weakref
 from typing import NamedTuple
 
 import numba
@@ -160,7 +161,6 @@ class Learning(NamedTuple):
     missing: np.ndarray  # (B * G,) int64, synapses each row may grow
     active_delta: np.ndarray  # (B * G,) float32
     inactive_delta: np.ndarray  # (B * G,) float32
-    best_segment: np.ndarray  # (B, N) int64, each cell's best matching segment at t-1
     had_winners: np.ndarray  # (B,) bool, a stream had winners at t-1
     sample: np.ndarray  # (B, new_synapses) int64, winners of t-1 to grow towards
     sample_valid: np.ndarray  # (B, new_synapses) bool
@@ -168,12 +168,14 @@ class Learning(NamedTuple):
 
 
 class Overlaps(NamedTuple):
-    """`predict`'s buffers for one stream."""
+    """`predict`'s buffers for one stream, and the overlaps each stream's state holds."""
 
     connected: np.ndarray  # (G,) float32
     potential: np.ndarray  # (G,) float32
+    touched: np.ndarray  # (G + 1,) int64: the segments `connected` / `potential` are non-zero on; [-1]: how many
     recall: np.ndarray  # (N,) bool, cells a known context's winners predict or match
     once: np.ndarray  # (N,) bool, cells not predicted that a fresh link matches (`seen_once`)
+    held: np.ndarray  # (B, 2 G + 1) int64: segments each stream's state overlaps may be non-zero on; [-1]: how many
 
 
 class Errors(NamedTuple):
@@ -245,9 +247,9 @@ def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
         Step(bools(b, c), bools(b, c), bools(b, c), bools(b, c), floats(b, n), bools(b, n), floats(b), bools(b, n),
              bools(b)),
         Ranking(floats(c), floats(c), floats(c)),
-        Learning(ints(b * g, 2), ints(b * g), floats(b * g), floats(b * g), ints(b, n), bools(b), ints(b, k),
+        Learning(ints(b * g, 2), ints(b * g), floats(b * g), floats(b * g), bools(b), ints(b, k),
                  bools(b, k), floats(n)),
-        Overlaps(floats(g), floats(g), bools(n), bools(n)),
+        Overlaps(floats(g), floats(g), ints(g + 1), bools(n), bools(n), ints(b, 2 * g + 1)),
         Errors(floats(d), floats(b, d)),
     )
 
@@ -273,25 +275,45 @@ def run_layer(layer: TemporalMemory, hebbian, x: torch.Tensor, state: LayerState
                torch.zeros(b, t_len)]
     reset = torch.zeros(b, t_len, dtype=torch.bool) if reset is None else reset.contiguous()
     cfg = settings(layer, hebbian)
-    chunk(
+    tensors_ = tensors(layer)
+    index = chunk(
         cfg, Chunk(scores.numpy(), x.numpy(), reset.numpy(), noise.numpy()),
-        State(*(value.numpy() for value in state)), tensors(layer),
-        buffers(cfg, b, c, n, layer.input_size), Outputs(*(o.numpy() for o in outputs)),
+        State(*(value.numpy() for value in state)), tensors_,
+        buffers(cfg, b, c, n, layer.input_size), Outputs(*(o.numpy() for o in outputs)), cached_index(layer, tensors_),
     )
+    INDEXES[layer] = (segments_version(layer), index)
     if hebbian is not None:
         layer.segments.synapse_masks_changed()  # written through numpy: the permanence version did not move
     return (*outputs, state)
 
 
+# Each layer's reverse index as the last chunk left it, with the version of the segments it
+# indexes: the next chunk goes on with it unless something else changed the segments since
+# (the torch steps, a checkpoint loaded; the compiled steps write through numpy and keep it).
+INDEXES = weakref.WeakKeyDictionary()
+
+
+def segments_version(layer: TemporalMemory) -> tuple:
+    seg = layer.segments
+    return tuple((t.data_ptr(), t._version) for t in (seg.permanence, seg.presynaptic, seg.last_learned))
+
+
+def cached_index(layer: TemporalMemory, tensors_: Layer) -> Index:
+    version, index = INDEXES.get(layer, (None, None))
+    if version != segments_version(layer):
+        index = reverse_index(tensors_.segments, layer.output_size, INDEX_SLACK)
+    return index
+
+
 @numba.njit(cache=True)
-def chunk(cfg, inputs, state, layer, work, out):
+def chunk(cfg, inputs, state, layer, work, out, index):
     """T steps of `TemporalMemory.forward` with `PredictiveHebbian.__call__` as its rule (none:
-    `cfg.learn` false)."""
+    `cfg.learn` false), on the reverse `index` of the segments; returns it as it leaves it."""
     segments, decoder, boosting = layer
     step, learning, overlaps = work.step, work.learning, work.overlaps
     n_len, slack = state.cells.shape[1], INDEX_SLACK
-    index = reverse_index(segments, n_len, slack)
     segments_in_use(segments.last_learned, learning.used)
+    held_overlaps(state, overlaps.held)
     for t in range(inputs.x.shape[1]):
         for b in range(inputs.reset.shape[0]):
             if inputs.reset[b, t]:
@@ -306,6 +328,7 @@ def chunk(cfg, inputs, state, layer, work, out):
                 index = reverse_index(segments, n_len, slack)
             learn_decoder(cfg, state, decoder, step, inputs.x[:, t], work.errors)
         predict(cfg, state, segments, decoder, step, index, overlaps, out, t)
+    return index
 
 
 @numba.njit(cache=True)
@@ -500,7 +523,8 @@ def learn_segments(cfg, state, segments, step, noise, index, learning):
         return True  # first step after a reset: no context to learn from
     perm, presyn, last_learned = segments.permanence, segments.presynaptic, segments.last_learned
     rows, active_delta, inactive_delta = learning.rows, learning.active_delta, learning.inactive_delta
-    best_segments(state.potential_overlap, state.winners, learning.best_segment, learning.had_winners)
+    for b in range(state.winners.shape[0]):
+        learning.had_winners[b] = state.winners[b].any()
     reinforced = reinforced_rows(cfg, state, step, learning)
     adapt(rows, active_delta, inactive_delta, reinforced, perm, presyn, step.prev_active, cfg.max_permanence)
     wrong = wrong_rows(cfg, state, step, learning, reinforced)
@@ -523,19 +547,14 @@ def learn_segments(cfg, state, segments, step, noise, index, learning):
 
 
 @numba.njit(cache=True)
-def best_segments(potential, winners, best_segment, had_winners):
-    """`PredictiveHebbian.learn_segments`' `best`: each cell's segment with the most potential
-    synapses (B, N, S) on the cells of t-1 (the first of equals); and which streams had winners."""
-    b_len, n_len, s_len = potential.shape
-    for b in range(b_len):
-        had_winners[b] = False
-        for n in range(n_len):
-            best = 0
-            for s in range(1, s_len):
-                if potential[b, n, s] > potential[b, n, best]:
-                    best = s
-            best_segment[b, n] = best
-            had_winners[b] |= winners[b, n] > 0
+def best_segment(potential, b, n):
+    """`PredictiveHebbian.learn_segments`' `best` for cell n of stream b: its segment with the
+    most potential synapses (B, N, S) on the cells of t-1 (the first of equals)."""
+    best = 0
+    for s in range(1, potential.shape[2]):
+        if potential[b, n, s] > potential[b, n, best]:
+            best = s
+    return best
 
 
 @numba.njit(cache=True)
@@ -544,7 +563,7 @@ def reinforced_rows(cfg, state, step, learning):
     column that is not novel, and the best matching segment of a novel column's matched
     winner, as rows with their deltas. Returns their count."""
     active, winners, novel, matched = state.active_overlap, step.winners, step.novel, step.matched
-    rows, best_segment = learning.rows, learning.best_segment
+    rows = learning.rows
     b_len, n_len, s_len = active.shape
     m, count = cfg.cells_per_column, 0
     for b in range(b_len):
@@ -552,9 +571,10 @@ def reinforced_rows(cfg, state, step, learning):
             if not winners[b, n]:
                 continue
             c = n // m
+            best = best_segment(state.potential_overlap, b, n) if novel[b, c] and matched[b, c] else -1
             for s in range(s_len):
                 if novel[b, c]:
-                    take = matched[b, c] and s == best_segment[b, n]
+                    take = s == best
                 else:
                     take = active[b, n, s] >= cfg.activation_threshold
                 if take:
@@ -816,29 +836,63 @@ def carried_on(matched, novel, bursting, matching_columns, diverted):
 
 
 @numba.njit(cache=True)
+def held_overlaps(state, held):
+    """The segments each stream's state overlaps are non-zero on (at the start of a chunk):
+    the entries the next step must clear, where `predict_cells` writes only those it touches."""
+    s_len = state.active_overlap.shape[2]
+    for b in range(held.shape[0]):
+        count = 0
+        for n in range(state.active_overlap.shape[1]):
+            for s in range(s_len):
+                if state.active_overlap[b, n, s] != 0 or state.potential_overlap[b, n, s] != 0:
+                    held[b, count] = n * s_len + s
+                    count += 1
+        held[b, -1] = count
+
+
+@numba.njit(cache=True)
+def release_held(state, held, b, s_len, active_too):
+    """Clear stream b's state overlaps where they may be non-zero (`held_overlaps`)."""
+    for i in range(held[b, -1]):
+        g = held[b, i]
+        state.potential_overlap[b, g // s_len, g % s_len] = 0.0
+        if active_too:
+            state.active_overlap[b, g // s_len, g % s_len] = 0.0
+
+
+@numba.njit(cache=True)
 def predict_cells(cfg, state, segments, b, index, overlaps, predicted_out):
     """`TemporalMemory.predict`'s first half for stream b: the segments' overlaps with the
     cells of t, the predicted cells (also the context's, unless a known context's winners
     replace them; and into `predicted_out`), the columns with a matching segment, and the
-    cells not predicted that a fresh link matches (`seen_once`)."""
+    cells not predicted that a fresh link matches (`seen_once`). Only the segments the cells
+    reach are visited (`segment_overlaps`' `touched`)."""
     active, potential, matching = state.active_overlap, state.potential_overlap, state.matching_columns
-    predicted, context, once = state.predicted, state.context_predicted, overlaps.once
-    connected_g, potential_g, last_learned = overlaps.connected, overlaps.potential, segments.last_learned
+    predicted, context, once, held = state.predicted, state.context_predicted, overlaps.once, overlaps.held
+    connected_g, potential_g, touched = overlaps.connected, overlaps.potential, overlaps.touched
+    last_learned = segments.last_learned
     s_len, m, now = cfg.segments, cfg.cells_per_column, segments.learning_steps[0]
-    segment_overlaps(state.cells[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g)
+    segment_overlaps(state.cells[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g,
+                     touched)
+    release_held(state, held, b, s_len, True)
     matching[b] = 0.0
-    for n in range(predicted.shape[1]):
-        top = np.float32(0.0)
-        once[n] = False
-        for s in range(s_len):
-            g = n * s_len + s
-            active[b, n, s] = connected_g[g]
-            potential[b, n, s] = potential_g[g]
-            top = max(top, connected_g[g])
-            if potential_g[g] >= cfg.matching_threshold:
-                matching[b, n // m] = 1.0
-                once[n] |= seen_once(cfg, last_learned, now, g)
-        predicted[b, n] = context[b, n] = predicted_out[n] = 1.0 if top >= cfg.activation_threshold else 0.0
+    predicted[b] = 0.0
+    context[b] = 0.0
+    once[:] = False
+    for i in range(touched[-1]):
+        g = touched[i]
+        n, s = g // s_len, g % s_len
+        active[b, n, s] = connected_g[g]
+        potential[b, n, s] = potential_g[g]
+        held[b, i] = g
+        if connected_g[g] >= cfg.activation_threshold:
+            predicted[b, n] = context[b, n] = predicted_out[n] = 1.0
+        if potential_g[g] >= cfg.matching_threshold:
+            matching[b, n // m] = 1.0
+            once[n] |= seen_once(cfg, last_learned, now, g)
+    held[b, -1] = touched[-1]
+    for i in range(touched[-1]):
+        n = touched[i] // s_len
         once[n] &= predicted[b, n] == 0
 
 
@@ -856,19 +910,25 @@ def recall(cfg, state, segments, b, index, overlaps):
     recall into `overlaps.recall`, else the fired cells' links seen once. True when it recalls."""
     potential, context, recall_cells, once = (state.potential_overlap, state.context_predicted, overlaps.recall,
                                               overlaps.once)
-    connected_g, potential_g = overlaps.connected, overlaps.potential
+    connected_g, potential_g, touched, held = overlaps.connected, overlaps.potential, overlaps.touched, overlaps.held
     s_len = cfg.segments
-    segment_overlaps(state.winners[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g)
+    segment_overlaps(state.winners[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g,
+                     touched)
+    release_held(state, held, b, s_len, False)  # the winners' potential overlaps replace the cells'
+    context[b] = 0.0
+    recall_cells[:] = False
     recalled = False
-    for n in range(context.shape[1]):
-        top, top_potential = np.float32(0.0), np.float32(0.0)
-        for s in range(s_len):
-            potential[b, n, s] = potential_g[n * s_len + s]
-            top = max(top, connected_g[n * s_len + s])
-            top_potential = max(top_potential, potential_g[n * s_len + s])
-        context[b, n] = 1.0 if top >= cfg.activation_threshold else 0.0
-        recall_cells[n] = top >= cfg.activation_threshold or top_potential >= cfg.matching_threshold
+    count = held[b, -1]
+    for i in range(touched[-1]):
+        g = touched[i]
+        n = g // s_len
+        potential[b, n, g % s_len] = potential_g[g]
+        held[b, count + i] = g
+        if connected_g[g] >= cfg.activation_threshold:
+            context[b, n] = 1.0
+        recall_cells[n] |= connected_g[g] >= cfg.activation_threshold or potential_g[g] >= cfg.matching_threshold
         recalled |= recall_cells[n] and cfg.recall
+    held[b, -1] = count + touched[-1]
     if cfg.recall and not recalled:  # new winners: the fired cells' links seen once
         recall_cells[:] = once
         recalled = once.any()
@@ -903,13 +963,17 @@ def reverse_index(segments, n_len, slack):
 
 
 @numba.njit(cache=True)
-def segment_overlaps(activity, perm, index, connected_permanence, connected, potential):
+def segment_overlaps(activity, perm, index, connected_permanence, connected, potential, touched):
     """`DistalSegments.overlaps` with a 0/1 activity (N,): each segment's connected and
-    potential synapses onto active cells, into `connected` and `potential` (G,)."""
+    potential synapses onto active cells, into `connected` and `potential` (G,), and the
+    segments they are non-zero on into `touched` (their count last): only those are cleared
+    at the next call, not all G."""
     start, fill, entries, position = index
     f_len = perm.shape[1]
-    connected[:] = 0.0
-    potential[:] = 0.0
+    for i in range(touched[-1]):
+        connected[touched[i]] = 0.0
+        potential[touched[i]] = 0.0
+    count = 0
     for cell in np.flatnonzero(activity > 0):
         for place in range(start[cell], start[cell] + fill[cell]):
             synapse = entries[place]
@@ -918,6 +982,10 @@ def segment_overlaps(activity, perm, index, connected_permanence, connected, pot
             g = synapse // f_len
             w = perm[g, synapse - g * f_len]
             if w > 0:
+                if potential[g] == 0:
+                    touched[count] = g
+                    count += 1
                 potential[g] += 1
                 if w >= connected_permanence:
                     connected[g] += 1
+    touched[-1] = count
