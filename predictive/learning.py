@@ -84,7 +84,7 @@ class PredictiveHebbian:
     - Permanences stay at most `max_permanence`: a link reinforced a hundred times is then
       as easy to unlearn as one reinforced twice, and a continuation that stopped coming stops
       being predicted after (max_permanence - connected) / decrement failures, however long
-      it held before (four failures with the defaults; 1.0, HTM's ceiling: seven).
+      it held before (three failures with the defaults; 1.0, HTM's ceiling: seven).
     - Weakened: active segments of cells in columns that stayed inactive, by
       `predicted_decrement` when the context at t-1 was predicted (a confident prediction
       failed; in a known context only its winners' predictions count), by `burst_decrement`
@@ -114,7 +114,7 @@ class PredictiveHebbian:
     predicted_decrement: float = 0.08
     burst_decrement: float = 0.0
     initial_permanence: float = 0.45
-    max_permanence: float = 0.75
+    max_permanence: float = 0.7
     new_synapses: int = 10
     grow_predicted: bool = False
     decoder_rate: float = 0.5
