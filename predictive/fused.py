@@ -168,14 +168,13 @@ class Learning(NamedTuple):
 
 
 class Overlaps(NamedTuple):
-    """`predict`'s buffers for one stream, and the overlaps each stream's state holds."""
+    """`predict`'s buffers for one stream."""
 
     connected: np.ndarray  # (G,) float32
     potential: np.ndarray  # (G,) float32
     touched: np.ndarray  # (G + 1,) int64: the segments `connected` / `potential` are non-zero on; [-1]: how many
     recall: np.ndarray  # (N,) bool, cells a known context's winners predict or match
     once: np.ndarray  # (N,) bool, cells not predicted that a fresh link matches (`seen_once`)
-    held: np.ndarray  # (B, 2 G + 1) int64: segments each stream's state overlaps may be non-zero on; [-1]: how many
 
 
 class Errors(NamedTuple):
@@ -249,7 +248,7 @@ def buffers(cfg: Settings, b: int, c: int, n: int, d: int) -> Work:
         Ranking(floats(c), floats(c), floats(c)),
         Learning(ints(b * g, 2), ints(b * g), floats(b * g), floats(b * g), bools(b), ints(b, k),
                  bools(b, k), floats(n)),
-        Overlaps(floats(g), floats(g), ints(g + 1), bools(n), bools(n), ints(b, 2 * g + 1)),
+        Overlaps(floats(g), floats(g), ints(g + 1), bools(n), bools(n)),
         Errors(floats(d), floats(b, d)),
     )
 
@@ -313,7 +312,6 @@ def chunk(cfg, inputs, state, layer, work, out, index):
     step, learning, overlaps = work.step, work.learning, work.overlaps
     n_len, slack = state.cells.shape[1], INDEX_SLACK
     segments_in_use(segments.last_learned, learning.used)
-    held_overlaps(state, overlaps.held)
     for t in range(inputs.x.shape[1]):
         for b in range(inputs.reset.shape[0]):
             if inputs.reset[b, t]:
@@ -836,45 +834,21 @@ def carried_on(matched, novel, bursting, matching_columns, diverted):
 
 
 @numba.njit(cache=True)
-def held_overlaps(state, held):
-    """The segments each stream's state overlaps are non-zero on (at the start of a chunk):
-    the entries the next step must clear, where `predict_cells` writes only those it touches."""
-    s_len = state.active_overlap.shape[2]
-    for b in range(held.shape[0]):
-        count = 0
-        for n in range(state.active_overlap.shape[1]):
-            for s in range(s_len):
-                if state.active_overlap[b, n, s] != 0 or state.potential_overlap[b, n, s] != 0:
-                    held[b, count] = n * s_len + s
-                    count += 1
-        held[b, -1] = count
-
-
-@numba.njit(cache=True)
-def release_held(state, held, b, s_len, active_too):
-    """Clear stream b's state overlaps where they may be non-zero (`held_overlaps`)."""
-    for i in range(held[b, -1]):
-        g = held[b, i]
-        state.potential_overlap[b, g // s_len, g % s_len] = 0.0
-        if active_too:
-            state.active_overlap[b, g // s_len, g % s_len] = 0.0
-
-
-@numba.njit(cache=True)
 def predict_cells(cfg, state, segments, b, index, overlaps, predicted_out):
     """`TemporalMemory.predict`'s first half for stream b: the segments' overlaps with the
     cells of t, the predicted cells (also the context's, unless a known context's winners
     replace them; and into `predicted_out`), the columns with a matching segment, and the
     cells not predicted that a fresh link matches (`seen_once`). Only the segments the cells
-    reach are visited (`segment_overlaps`' `touched`)."""
+    reach are visited (`segment_overlaps`' `touched`); the rest of the state is cleared."""
     active, potential, matching = state.active_overlap, state.potential_overlap, state.matching_columns
-    predicted, context, once, held = state.predicted, state.context_predicted, overlaps.once, overlaps.held
+    predicted, context, once = state.predicted, state.context_predicted, overlaps.once
     connected_g, potential_g, touched = overlaps.connected, overlaps.potential, overlaps.touched
     last_learned = segments.last_learned
     s_len, m, now = cfg.segments, cfg.cells_per_column, segments.learning_steps[0]
     segment_overlaps(state.cells[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g,
                      touched)
-    release_held(state, held, b, s_len, True)
+    active[b] = 0.0
+    potential[b] = 0.0
     matching[b] = 0.0
     predicted[b] = 0.0
     context[b] = 0.0
@@ -884,13 +858,11 @@ def predict_cells(cfg, state, segments, b, index, overlaps, predicted_out):
         n, s = g // s_len, g % s_len
         active[b, n, s] = connected_g[g]
         potential[b, n, s] = potential_g[g]
-        held[b, i] = g
         if connected_g[g] >= cfg.activation_threshold:
             predicted[b, n] = context[b, n] = predicted_out[n] = 1.0
         if potential_g[g] >= cfg.matching_threshold:
             matching[b, n // m] = 1.0
             once[n] |= seen_once(cfg, last_learned, now, g)
-    held[b, -1] = touched[-1]
     for i in range(touched[-1]):
         n = touched[i] // s_len
         once[n] &= predicted[b, n] == 0
@@ -910,25 +882,22 @@ def recall(cfg, state, segments, b, index, overlaps):
     recall into `overlaps.recall`, else the fired cells' links seen once. True when it recalls."""
     potential, context, recall_cells, once = (state.potential_overlap, state.context_predicted, overlaps.recall,
                                               overlaps.once)
-    connected_g, potential_g, touched, held = overlaps.connected, overlaps.potential, overlaps.touched, overlaps.held
+    connected_g, potential_g, touched = overlaps.connected, overlaps.potential, overlaps.touched
     s_len = cfg.segments
     segment_overlaps(state.winners[b], segments.permanence, index, cfg.connected_permanence, connected_g, potential_g,
                      touched)
-    release_held(state, held, b, s_len, False)  # the winners' potential overlaps replace the cells'
+    potential[b] = 0.0  # the winners' potential overlaps replace the cells'
     context[b] = 0.0
     recall_cells[:] = False
     recalled = False
-    count = held[b, -1]
     for i in range(touched[-1]):
         g = touched[i]
         n = g // s_len
         potential[b, n, g % s_len] = potential_g[g]
-        held[b, count + i] = g
         if connected_g[g] >= cfg.activation_threshold:
             context[b, n] = 1.0
         recall_cells[n] |= connected_g[g] >= cfg.activation_threshold or potential_g[g] >= cfg.matching_threshold
         recalled |= recall_cells[n] and cfg.recall
-    held[b, -1] = count + touched[-1]
     if cfg.recall and not recalled:  # new winners: the fired cells' links seen once
         recall_cells[:] = once
         recalled = once.any()
