@@ -658,7 +658,8 @@ def sample_winners(winners, noise, sample, valid):
     for b in range(winners.shape[0]):
         candidates = np.flatnonzero(winners[b] > 0)
         drawn = noise[b, np.minimum(np.arange(candidates.size), noise.shape[1] - 1)]
-        candidates, drawn = candidates[drawn > 0], drawn[drawn > 0]
+        kept = drawn > 0
+        candidates, drawn = candidates[kept], drawn[kept]
         order = candidates[np.argsort(-drawn, kind="mergesort")]
         for j in range(sample.shape[1]):
             valid[b, j] = j < order.size

@@ -186,6 +186,7 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(activation_threshold=4.5), "activation_threshold=4.5 must be an integer"),
         (dict(soft_kwta=-1.0), "soft_kwta"),
         (dict(recall="no"), "recall must be true or false, got 'no'"),
+        (dict(start_cells=0), "start_cells must be true or false, got 0"),
         (dict(first_order_fallback=1), "first_order_fallback must be true or false"),
         (dict(fresh_steps=-1), "fresh_steps must be an integer >= 0"),
         (dict(fresh_steps=1.5), "fresh_steps must be an integer >= 0"),
