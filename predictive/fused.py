@@ -425,7 +425,7 @@ def activate(cfg, state, step):
             cells[b, n] = 0.0
             nothing_predicted &= predicted[b, n] <= 0
         step.start[b] = cfg.start_cells and nothing_predicted and state.diverted[b] != 3  # `TemporalMemory.starts`
-        if step.start[b] and state.anomaly[b] != 1:  # ... and after a step nothing predicted, or none
+        if step.start[b] and state.anomaly[b] <= 0.5:  # ... and after a step mostly not predicted, or none
             for c in range(c_len):
                 step.start[b] &= state.columns[b, c] <= 0
         for c in range(c_len):
@@ -484,7 +484,9 @@ def choose_winners(cfg, state, step, noise, used):
             if matched[b, c]:
                 winners[b, best_cell] = True
             else:  # a new context: a start's first cell, else the least used
-                winners[b, c * m if start else least_used(used, noise[b, row * m:(row + 1) * m], c * m)] = True
+                skip = 1 if cfg.start_cells and m > 1 else 0  # a start's cell carries no other context
+                chosen = c * m if start else least_used(used, noise[b, row * m + skip:(row + 1) * m], c * m + skip)
+                winners[b, chosen] = True
 
 
 @numba.njit(cache=True)

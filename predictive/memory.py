@@ -117,7 +117,8 @@ class TemporalMemory(nn.Module):
             the next step goes on from those cells alone (a known context, `predict`), not
             from the burst's union. The same symbol then starts the same code on every pass,
             so what follows it learns one cell per start, apart from the contexts where
-            that symbol comes in a middle (docs/core.md). False: a random least-used cell.
+            that symbol comes in a middle, which never learn on a first cell (docs/core.md).
+            False: a random least-used cell, any cell of the column.
         initial_segments: "empty" (local learning grows synapses where contexts need them) or
             "random" (random permanences on random cells: a layer trained by gradient alone
             needs them, an empty segment has no gradient to grow from).
@@ -339,6 +340,8 @@ class TemporalMemory(nn.Module):
         best_value, best_cell = best.max(-1)
         matched = novel & (best_value >= self.matching_threshold)
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
+        if self.start_cells and m > 1:  # a start's cell carries no other context
+            used[:, 0] = torch.inf
         tie_break = self.column_noise(columns)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, torch.where(self.starts(state).unsqueeze(-1), 0, least_used))
@@ -361,11 +364,12 @@ class TemporalMemory(nn.Module):
 
     def starts(self, state: LayerState) -> torch.Tensor:
         """(B,) bool: does the step after `state` start a context (`start_cells`)? Nothing was
-        predicted for it, after a step that nothing predicted either (every column burst:
-        noise), or no step (a reset). Not after a predicted step whose cells predict nothing
-        yet (a context learned on new cells last pass), nor after a start itself: early in
-        a stream, a symbol that predicts nothing yet would start a chain of first cells."""
-        unpredicted = (state.anomaly == 1) | (state.columns.amax(-1) == 0)
+        predicted for it, after a step that was mostly not predicted either (most columns
+        burst: noise, which may hit a predicted column by chance), or no step (a reset). Not
+        after a predicted step whose cells predict nothing yet (a context learned on new cells
+        last pass), nor after a start itself: early in a stream, a symbol that predicts
+        nothing yet would start a chain of first cells."""
+        unpredicted = (state.anomaly > 0.5) | (state.columns.amax(-1) == 0)
         return (state.predicted.amax(-1) == 0) & unpredicted & (state.diverted != 3) & self.start_cells
 
     def predict(self, step: LayerStep) -> LayerState:
