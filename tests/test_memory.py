@@ -322,6 +322,40 @@ def test_a_step_that_nothing_predicted_starts_on_its_columns_first_cells(fused, 
     assert (presynaptic % 4 == 0).all().item() is start_cells
 
 
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("anomaly, start", [(0.9, True), (0.5, False)])
+def test_a_start_follows_a_step_whose_columns_mostly_burst(fused, anomaly, start):
+    # Noise lands on a predicted column now and then: the step after it still starts a
+    # context when most of its columns burst, not when half or more were predicted.
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL)
+    state = stack.initial_state(1)
+    state["0.columns"][0, :10] = 1.0
+    state["0.anomaly"][0] = anomaly
+    _, state = stack(stream([0], 1), state, learning=build("local", new_synapses=6, fused=fused))
+    assert state["0.diverted"].tolist() == [3.0 if start else 0.0]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("start_cells", [True, False])
+def test_first_cells_carry_starts_alone(fused, start_cells):
+    # Sequences between noise inputs: a new context in a middle learns on a cell other than
+    # its column's first (a start's, which grows no segment), so no segment lives on a first
+    # cell; without start cells a new context may take any least used cell.
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL, start_cells=start_cells)
+    g = torch.Generator().manual_seed(1)
+    c, parts = codes(), []
+    for i in range(60):
+        parts += [c[[0, 1, 2, 3] if i % 2 else [4, 1, 2, 5]], (torch.rand(1, 48, generator=g) < 0.125).float()]
+    x = torch.cat(parts).unsqueeze(0)
+    stack(x, stack.initial_state(1), learning=build("local", new_synapses=6, fused=fused))
+    seg = stack.layers[0].segments
+    on_first_cells = (seg.last_learned.view(64, 4, -1)[:, 0] >= 0).any().item()
+    assert on_first_cells is not start_cells
+    assert (seg.last_learned >= 0).sum() > 30  # the sequences and the noise grew segments
+
 def layer_with_an_old_context() -> TemporalMemory:
     """8 columns x 4 cells; cell 0 of columns 4 and 5 (cells 16, 20) has a connected segment
     onto cell 0 of columns 2 and 3 (cells 8, 12): an older context. The steps tested come
