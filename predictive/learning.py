@@ -195,7 +195,7 @@ class PredictiveHebbian:
         learning.scatter_(-1, best, learning.gather(-1, best) | matched_cell.unsqueeze(-1))
         # A start's context is unknown (`TemporalMemory.starts`): its first cells grow no
         # segment towards t-1 (noise), which would bind them into whatever context came before.
-        new_cell = winner & ~matched_cell & (prev_winners.any(-1) & ~layer.starts(prev)).unsqueeze(-1)
+        new_cell = winner & ~matched_cell & (prev_winners.any(-1) & ~step.start).unsqueeze(-1)
 
         # Wrong predictions: segments that predicted a cell of a column that stayed inactive.
         inactive_cells = (~step.columns).repeat_interleave(m, dim=1).unsqueeze(-1)

@@ -76,6 +76,7 @@ class LayerStep:
     winners: torch.Tensor  # (B, N) bool, cells that learn this context
     matched: torch.Tensor  # (B, C) bool, novel column whose winner has a matching segment
     anomaly: torch.Tensor  # (B,) share of active columns that were not predicted
+    start: torch.Tensor  # (B,) bool, the step starts a context (`starts`)
 
 
 class TemporalMemory(nn.Module):
@@ -266,10 +267,11 @@ class TemporalMemory(nn.Module):
         # Predicted cells fire; an active column with no predicted cell bursts: its fallback
         # cells fire, or all its cells when there are none.
         cells = column_gate.unsqueeze(-1) * (predicted + (1.0 - column_predicted).unsqueeze(-1))
-        winners, matched, novel = self.choose_winners(state, columns, cells.detach() > 0)
+        start = self.starts(state)
+        winners, matched, novel = self.choose_winners(state, columns, cells.detach() > 0, start)
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
-        return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly)
+        return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly, start)
 
     def column_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., C): each column's feedforward score of the input (less its mean,
@@ -323,7 +325,7 @@ class TemporalMemory(nn.Module):
         return predicted * bursting.unsqueeze(-1)
 
     @torch.no_grad()
-    def choose_winners(self, state: LayerState, columns: torch.Tensor, cells: torch.Tensor):
+    def choose_winners(self, state: LayerState, columns: torch.Tensor, cells: torch.Tensor, start: torch.Tensor):
         """The cells that learn this context: in an active column, the cells the context
         predicted; in a *novel* column, one that the context did not predict, one winner: the
         cell with the best matching segment, else the least used cell (random tie-break), so
@@ -344,7 +346,7 @@ class TemporalMemory(nn.Module):
             used[:, 0] = torch.inf
         tie_break = self.column_noise(columns)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
-        chosen = torch.where(matched, best_cell, torch.where(self.starts(state).unsqueeze(-1), 0, least_used))
+        chosen = torch.where(matched, best_cell, torch.where(start.unsqueeze(-1), 0, least_used))
         new_winner = (chosen.unsqueeze(-1) == torch.arange(m, device=chosen.device)) & novel.unsqueeze(-1)
         return (predicted | new_winner).view(b, -1), matched, novel
 
@@ -394,8 +396,7 @@ class TemporalMemory(nn.Module):
         carried = step.matched.any(-1) | (diverted & (step.novel & ~step.bursting).any(-1))
         relearning = step.bursting & (step.prev.matching_columns > 0) & (step.prev.diverted == 1).unsqueeze(-1)
         through_burst = diverted & ~carried & relearning.any(-1)
-        start = self.starts(step.prev)
-        known = carried | through_burst | start
+        known = carried | through_burst | step.start
         matching_columns = column_activity(potential.amax(-1) >= self.matching_threshold, self.cells_per_column)
         predicted_columns = column_activity(predicted, self.cells_per_column)
         # Computed for every stream, known context or not, and selected by `known`: the step
@@ -429,7 +430,7 @@ class TemporalMemory(nn.Module):
             active_overlap=active.detach(),
             potential_overlap=potential,
             context_predicted=context,
-            diverted=torch.where(start, 3.0, known.to(step.cells.dtype) + through_burst.to(step.cells.dtype)),
+            diverted=torch.where(step.start, 3.0, known.to(step.cells.dtype) + through_burst.to(step.cells.dtype)),
             matching_columns=matching_columns.to(step.cells.dtype),
             predicted_columns=predicted_columns,
             prediction=self.decode(predicted_columns),

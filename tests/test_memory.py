@@ -397,14 +397,14 @@ def test_column_predicted_only_through_a_bursts_other_cells_learns_on_a_new_cell
         cells=cells,
         winners=winners,
         matched=burst_columns & matched,
-        anomaly=torch.ones(1),
+        anomaly=torch.ones(1), start=layer.starts(layer.initial_state(1)),
     )
     state = layer.predict(step)
     assert state.predicted[0, [16, 20]].tolist() == [1.0, 1.0]  # the burst predicts them
     active = torch.zeros(1, 8, dtype=torch.bool)
     active[0, 4:6] = True
     predicted_cells = (state.predicted > 0) & active.repeat_interleave(4, 1)
-    chosen, _, is_novel = layer.choose_winners(state, active, predicted_cells)
+    chosen, _, is_novel = layer.choose_winners(state, active, predicted_cells, layer.starts(state))
     assert is_novel[0, 4:6].tolist() == [novel, novel]
     assert chosen[0, [16, 20]].tolist() == [not novel, not novel]  # novel: another cell learns it
     assert chosen[0].sum() == 2  # one winner per active column either way
@@ -433,7 +433,7 @@ def test_a_diverted_context_stays_on_the_new_winners(diverted):
         cells=cells,
         winners=winners,
         matched=torch.zeros_like(columns),
-        anomaly=torch.zeros(1),
+        anomaly=torch.zeros(1), start=layer.starts(prev),
     )
     state = layer.predict(step)
     assert state.predicted[0, [16, 20]].tolist() == [1.0, 1.0]
@@ -441,7 +441,7 @@ def test_a_diverted_context_stays_on_the_new_winners(diverted):
     active = torch.zeros(1, 8, dtype=torch.bool)
     active[0, 4:6] = True
     predicted_cells = (state.predicted > 0) & active.repeat_interleave(4, 1)
-    _, _, is_novel = layer.choose_winners(state, active, predicted_cells)
+    _, _, is_novel = layer.choose_winners(state, active, predicted_cells, layer.starts(state))
     assert is_novel[0, 4:6].tolist() == [diverted, diverted]
 
 
@@ -454,7 +454,7 @@ def burst_of_columns_2_and_3(layer: TemporalMemory, prev: dict, matched: bool) -
     return LayerStep(
         x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=columns, novel=columns,
         cells=columns.repeat_interleave(4, 1).float(), winners=winners, matched=columns & matched,
-        anomaly=torch.ones(1),
+        anomaly=torch.ones(1), start=layer.starts(prev),
     )
 
 
@@ -563,7 +563,7 @@ def test_a_winner_that_did_not_fire_counts_as_presynaptic_activity():
     cells[0, 16], winners[0, 17] = 1.0, True
     step = LayerStep(
         x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=torch.zeros_like(columns), novel=columns,
-        cells=cells, winners=winners, matched=columns, anomaly=torch.zeros(1),
+        cells=cells, winners=winners, matched=columns, anomaly=torch.zeros(1), start=layer.starts(prev),
     )
     build("local", new_synapses=2, fused=False).update(layer, step)
     assert seg.permanence[17 * 2, :2].tolist() == pytest.approx([0.57, 0.57])  # +0.12, not -0.02
@@ -628,6 +628,7 @@ def test_a_known_context_does_not_weaken_the_predictions_of_other_contexts_cells
     step = LayerStep(
         x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=columns, novel=columns,
         cells=cells, winners=winners, matched=torch.zeros_like(columns), anomaly=torch.ones(1),
+        start=layer.starts(prev),
     )
     build("local", new_synapses=2, fused=False).update(layer, step)
     expected = 0.6 - 0.08 if weakened else 0.6  # predicted_decrement (the context at t-1 was predicted)
@@ -646,7 +647,7 @@ def test_the_decoder_does_not_learn_from_a_known_contexts_prediction(diverted):
         x=torch.ones(1, 8), prev=prev, columns=torch.zeros(1, 8, dtype=torch.bool),
         bursting=torch.zeros(1, 8, dtype=torch.bool), novel=torch.zeros(1, 8, dtype=torch.bool),
         cells=torch.zeros(1, 32), winners=torch.zeros(1, 32, dtype=torch.bool),
-        matched=torch.zeros(1, 8, dtype=torch.bool), anomaly=torch.zeros(1),
+        matched=torch.zeros(1, 8, dtype=torch.bool), anomaly=torch.zeros(1), start=layer.starts(prev),
     )
     build("local", new_synapses=2, fused=False, decoder_code_rate=0.0).update(layer, step)
     learned = layer.decoder.weight[:, 4]
@@ -687,6 +688,7 @@ def test_a_known_context_on_new_cells_recalls_the_fired_cells_fresh_links(fresh_
     step = LayerStep(
         x=torch.zeros(1, 8), prev=prev, columns=columns, bursting=torch.zeros_like(columns), novel=columns,
         cells=cells, winners=winners, matched=torch.zeros_like(columns), anomaly=torch.zeros(1),
+        start=layer.starts(prev),
     )
     state = layer.predict(step)
     assert state.diverted.tolist() == [1.0]  # known: carried on by the new winners
