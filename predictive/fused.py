@@ -65,7 +65,7 @@ class Settings(NamedTuple):
 class Chunk(NamedTuple):
     """A chunk's inputs: column scores (B, T, C), input (B, T, D), resets (B, T) bool, and each
     step's random numbers (T, 2, B, A * M), A = `TemporalMemory.max_active`: the winners'
-    tie-break (`TemporalMemory.column_noise`), then the growth sample (T, 1, B, A * M without
+    tie-break (`predictive.memory.draws_by_rank`), then the growth sample (T, 1, B, A * M without
     learning: the tie-break alone, as the torch steps draw them)."""
 
     scores: np.ndarray
@@ -457,10 +457,11 @@ def choose_winners(cfg, state, step, noise, used):
     b_len, c_len = columns.shape
     m = cfg.cells_per_column
     slots = noise.shape[1] // m
+    skip = 1 if cfg.start_cells and m > 1 else 0  # a start's cell carries no other context
     for b in range(b_len):
         winners[b] = False
         start = step.start[b]
-        row = -1  # the active column's row of `noise` (`TemporalMemory.column_noise`)
+        row = -1  # the active column's row of `noise` (`draws_by_rank`)
         for c in range(c_len):
             novel[b, c] = False
             matched[b, c] = False
@@ -484,7 +485,6 @@ def choose_winners(cfg, state, step, noise, used):
             if matched[b, c]:
                 winners[b, best_cell] = True
             else:  # a new context: a start's first cell, else the least used
-                skip = 1 if cfg.start_cells and m > 1 else 0  # a start's cell carries no other context
                 chosen = c * m if start else least_used(used, noise[b, row * m + skip:(row + 1) * m], c * m + skip)
                 winners[b, chosen] = True
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from predictive.memory import LayerStep, TemporalMemory
+from predictive.memory import LayerStep, TemporalMemory, draws_by_rank
 from predictive.sparse import check_flags
 
 WEAKEN_ELEMENTS = 1 << 25  # synapses x streams that `weaken` holds at once (128 MB of float32)
@@ -178,11 +178,8 @@ class PredictiveHebbian:
         prev_active = (prev.cells > 0) | (prev.winners > 0)  # (B, N): fired or won at t-1
         prev_winners = prev.winners > 0
         # Drawn at every step, used or not, so that the random stream does not depend on what
-        # was learned (predictive.fused draws a chunk's numbers at once): one number for each
-        # winner a step can have, the i-th winner of t-1 (in index order) takes number i.
-        slots = layer.max_active * m
-        draws = torch.rand(b, slots, device=prev_winners.device)
-        sample_noise = draws.gather(1, (prev_winners.long().cumsum(-1) - 1).clamp(0, slots - 1))
+        # was learned: one number for each winner a step can have.
+        sample_noise = draws_by_rank(prev_winners, layer.max_active * m).squeeze(-1)
         potential = prev.potential_overlap  # (B, N, S)
 
         # Segments that predicted a winner of a column that is now active (and not novel).

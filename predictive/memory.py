@@ -79,6 +79,16 @@ class LayerStep:
     start: torch.Tensor  # (B,) bool, the step starts a context (`starts`)
 
 
+def draws_by_rank(mask: torch.Tensor, slots: int, width: int = 1) -> torch.Tensor:
+    """(B, K) bool -> (B, K, width) random numbers in [0, 1): `slots` rows of `width` drawn per
+    stream, the i-th true entry of `mask` (in index order) takes row i. A step's draw then
+    scales with what is active, not with the layer, and `predictive.fused` draws a chunk's
+    numbers at once, the same ones."""
+    draws = torch.rand(mask.shape[0], slots, width, device=mask.device)
+    row = (mask.long().cumsum(-1) - 1).clamp(0, slots - 1)
+    return draws.gather(1, row.unsqueeze(-1).expand(-1, -1, width))
+
+
 class TemporalMemory(nn.Module):
     """A sparse temporal memory over an input of width `input_size`.
 
@@ -344,7 +354,7 @@ class TemporalMemory(nn.Module):
         used = (self.segments.last_learned >= 0).view(c, m, -1).sum(-1).to(best.dtype)
         if self.start_cells and m > 1:  # a start's cell carries no other context
             used[:, 0] = torch.inf
-        tie_break = self.column_noise(columns)
+        tie_break = draws_by_rank(columns, self.max_active, m)  # (B, C, M)
         least_used = (used.unsqueeze(0) + tie_break).argmin(-1)
         chosen = torch.where(matched, best_cell, torch.where(start.unsqueeze(-1), 0, least_used))
         new_winner = (chosen.unsqueeze(-1) == torch.arange(m, device=chosen.device)) & novel.unsqueeze(-1)
@@ -354,15 +364,6 @@ class TemporalMemory(nn.Module):
     def max_active(self) -> int:
         """The most columns active in a step (k, or k in eval mode if larger)."""
         return max(self.k, self.kwinners.k_inference)
-
-    def column_noise(self, columns: torch.Tensor) -> torch.Tensor:
-        """(B, C) active columns -> (B, C, M) random numbers in [0, 1) for their cells: drawn
-        for `max_active` columns, the i-th active column (in index order) takes row i. A
-        step's random draw scales with its active cells, not with the layer."""
-        b, m = columns.shape[0], self.cells_per_column
-        draws = torch.rand(b, self.max_active, m, device=columns.device)
-        row = (columns.long().cumsum(-1) - 1).clamp(0, self.max_active - 1)
-        return draws.gather(1, row.unsqueeze(-1).expand(-1, -1, m))
 
     def starts(self, state: LayerState) -> torch.Tensor:
         """(B,) bool: does the step after `state` start a context (`start_cells`)? Nothing was
