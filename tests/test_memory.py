@@ -322,7 +322,6 @@ def test_a_step_that_nothing_predicted_starts_on_its_columns_first_cells(fused, 
     assert (presynaptic % 4 == 0).all().item() is start_cells
 
 
-
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("anomaly, start", [(0.9, True), (0.5, False)])
 def test_a_start_follows_a_step_whose_columns_mostly_burst(fused, anomaly, start):
@@ -355,6 +354,7 @@ def test_first_cells_carry_starts_alone(fused, start_cells):
     on_first_cells = (seg.last_learned.view(64, 4, -1)[:, 0] >= 0).any().item()
     assert on_first_cells is not start_cells
     assert (seg.last_learned >= 0).sum() > 30  # the sequences and the noise grew segments
+
 
 def layer_with_an_old_context() -> TemporalMemory:
     """8 columns x 4 cells; cell 0 of columns 4 and 5 (cells 16, 20) has a connected segment
