@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from tasks.nab.corpus import load_windows, read_results, result_path
+from tasks.nab.heldout import folds_of, held_out
 from tasks.nab.likelihood import anomaly_likelihood, spatial_anomaly
 from tasks.nab.scoring import (
     MAX_TP,
@@ -66,12 +67,7 @@ def test_numenta_reference_published_thresholds(numenta):
 
 def test_perfect_and_null_detectors(numenta):
     windows, sweeps, _ = numenta
-    perfect = {}
-    for name, sweep in sweeps.items():
-        s = np.zeros(len(sweep.window))
-        starts = np.flatnonzero(np.diff(np.r_[-1, sweep.window]) > 0)  # each window's first row
-        s[starts[sweep.window[starts] >= 0]] = 1.0
-        perfect[name] = s
+    perfect = {name: _perfect(sweep) for name, sweep in sweeps.items()}
     null = {name: np.full(len(sweep.window), 0.5) for name, sweep in sweeps.items()}
     for profile, result in score_corpus(sweeps, perfect).items():
         assert result.score == pytest.approx(100.0), profile
@@ -155,3 +151,50 @@ def test_spatial_anomaly():
     # range before t=3: 5..6 (margin 0.05): 10 leaves it; 10.2 is within 5% of 5..10; 4.0 is
     # below 5 - 0.26; 3.0 is below 4 - 0.31.
     assert spatial_anomaly(values, 0.05).tolist() == [False, False, False, True, False, False, True, True]
+
+
+def _perfect(sweep) -> np.ndarray:
+    """1 at each window's first row, 0 elsewhere."""
+    s = np.zeros(len(sweep.window))
+    starts = np.flatnonzero(np.diff(np.r_[-1, sweep.window]) > 0)
+    s[starts[sweep.window[starts] >= 0]] = 1.0
+    return s
+
+
+def test_folds_are_stratified_disjoint_and_seeded(numenta):
+    _, sweeps, _ = numenta
+    names = sorted(sweeps)
+    folds = folds_of(names, 2, seed=0)
+    assert sorted(folds[0] + folds[1]) == names and not set(folds[0]) & set(folds[1])
+    for group in {n.split("/")[0] for n in names}:
+        sizes = [sum(n.startswith(group + "/") for n in f) for f in folds]
+        assert abs(sizes[0] - sizes[1]) <= 1, group
+    assert folds_of(names, 2, seed=0) == folds and folds_of(names, 2, seed=1) != folds
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        folds_of(names, 1, seed=0)
+
+
+def test_held_out_scores_one_candidate_as_the_corpus_does(numenta):
+    _, sweeps, scores = numenta
+    result = held_out(sweeps, {"numenta": scores}, folds_of(sorted(sweeps), 2, seed=0))
+    assert result.chosen == ["numenta", "numenta"]
+    for name, expected in OPTIMISED.items():
+        assert result.optimised[name] == pytest.approx(expected, abs=0.05), name
+        assert result.held_out[name] <= result.optimised[name] + 1e-9, name  # thresholds chosen elsewhere
+
+
+def test_held_out_never_picks_for_a_fold_by_its_own_files(numenta):
+    """A candidate perfect on one fold's files and silent on the other's is chosen for the
+    other fold only: the assembled results detect nothing."""
+    _, sweeps, _ = numenta
+    folds = folds_of(sorted(sweeps), 2, seed=0)
+    silent = {n: np.zeros(len(s.window)) for n, s in sweeps.items()}
+    first = {**silent, **{n: _perfect(sweeps[n]) for n in folds[0]}}
+    second = {**silent, **{n: _perfect(sweeps[n]) for n in folds[1]}}
+    result = held_out(sweeps, {"first": first, "second": second}, folds)
+    assert result.chosen == ["second", "first"]
+    for name in OPTIMISED:
+        assert result.optimised[name] == pytest.approx(0.0, abs=1e-9), name
+    assert score_corpus(sweeps, first)["standard"].score > 40  # on its own the candidate scores well
+    with pytest.raises(ValueError, match="every file"):
+        held_out(sweeps, {"first": first}, [folds[0]])
