@@ -57,6 +57,8 @@ def main():
     p.add_argument("--select", default="standard", choices=[q.name for q in PROFILES],
                    help="the profile whose score picks a fold's candidate")
     args = p.parse_args()
+    if args.splits < 1:
+        p.error(f"--splits must be >= 1, got {args.splits}")
 
     windows = load_windows(args.root / "labels" / "combined_windows.json")
     runs = [load_run(path, windows) for path in args.runs]
