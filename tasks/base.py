@@ -204,7 +204,7 @@ class StreamDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: chunks are already batches; no workers, so `position` is read live.
-        return DataLoader(_Chunks(self), batch_size=None)
+        return _ChunkLoader(_Chunks(self), batch_size=None)
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -216,6 +216,18 @@ class StreamDataModule(L.LightningDataModule):
 # _Chunks has a length on purpose (Lightning counts the epoch's batches); it is read in the
 # main process only, so the warning about lengths with several workers does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+
+class _ChunkLoader(DataLoader):
+    """The train loader. Lightning takes a loader with `state_dict` / `load_state_dict` as one
+    that resumes mid-epoch (and warns of any other); this one does, through the datamodule's
+    `position`, which Lightning restores before the epoch starts, so it keeps no state itself."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class _Chunks(IterableDataset):

@@ -232,12 +232,14 @@ def test_gradient_modes_run(tmp_path, learning):
     check_run(tmp_path, train.train(config(tmp_path, f"learning={learning}", "trainer.max_steps=2")), learning)
 
 
-def test_resume_is_exact(tmp_path, local_run):
+def test_resume_is_exact(tmp_path, local_run, recwarn):
     reference_dir, reference = local_run
     stopped = tmp_path / "stopped"
     train.train(config(stopped, "learning=local", "trainer.max_steps=2"))
     resumed = tmp_path / "resumed"
     summary = train.train(config(resumed, "learning=local", f"ckpt_path={stopped}/checkpoints/last.ckpt"))
+    # Stopped mid-epoch: Lightning must know the train loader resumes there (no warning that it does not).
+    assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
     assert {k: v for k, v in summary.items() if k not in TIMING} == \
            {k: v for k, v in reference.items() if k not in TIMING}
     a = torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True)
