@@ -400,12 +400,24 @@ def test_silence_is_cut_from_background_noise_when_no_silence_folder(tmp_path):
 
 @needs_fsdd
 def test_fsdd_official_and_held_out_speaker_splits():
+    from tasks.speech.task import SpeechTask
+
     clips = ds.fsdd(FSDD)
     assert {s: sum(c.split == s for c in clips) for s in ds.SPLITS} == {"train": 2400, "val": 300, "test": 300}
     assert all(int(c.path.stem.split("_")[2]) < 5 for c in clips if c.split == "test")
     held = ds.fsdd(FSDD, "speaker")
     assert {c.speaker for c in held if c.split == "test"} == {"theo"}
     assert "theo" not in {c.speaker for c in held if c.split != "test"}
+    # Another voice held out, through the task's settings (a leave-one-speaker-out fold).
+    task = SpeechTask(dataset="fsdd", root=FSDD, split="speaker", test_speaker="lucas", val_speaker="theo",
+                      sample_rate=8000, n_fft=256)
+    voices = {s: {c.speaker for c in task._data.clips if c.split == s} for s in ds.SPLITS}
+    assert voices == {"test": {"lucas"}, "val": {"theo"}, "train": {"george", "jackson", "nicolas", "yweweler"}}
+    assert sum(c.split == "test" for c in task._data.clips) == 500
+    with pytest.raises(ValueError, match=r"^task.test_speaker=bob: no such speaker in .*\(george, jackson, lucas, "):
+        ds.fsdd(FSDD, "speaker", test_speaker="bob")
+    with pytest.raises(ValueError, match="^task.test_speaker and task.val_speaker must differ, both are 'theo'$"):
+        ds.fsdd(FSDD, "speaker", val_speaker="theo")
 
 
 def test_folder_dataset_and_missing_data_errors(tmp_path):

@@ -186,11 +186,14 @@ def balance_gsc(
     return out
 
 
-def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",), test_speakers=("theo",)) -> list[Clip]:
+def fsdd(root: Path, split="official", val_takes=5, test_speaker="theo", val_speaker="jackson") -> list[Clip]:
     """`recordings/<digit>_<speaker>_<take>.wav`. split=official: takes 0-4 test (the data set's
-    own split), the next `val_takes` takes val; split=speaker: whole speakers held out."""
+    own split), the next `val_takes` takes val; split=speaker: whole speakers held out, one for
+    test and another for validation (rotate `test_speaker` for a leave-one-speaker-out estimate)."""
     if split not in ("official", "speaker"):
         raise ValueError(f"task.split must be 'official' or 'speaker' for fsdd, got {split!r}")
+    if split == "speaker" and test_speaker == val_speaker:
+        raise ValueError(f"task.test_speaker and task.val_speaker must differ, both are {test_speaker!r}")
     clips = []
     for path in _wavs(root / "recordings"):
         parts = path.stem.split("_")
@@ -200,10 +203,14 @@ def fsdd(root: Path, split="official", val_takes=5, val_speakers=("jackson",), t
         if split == "official":
             part = "test" if take < 5 else "val" if take < 5 + val_takes else "train"
         else:
-            part = "test" if speaker in test_speakers else "val" if speaker in val_speakers else "train"
+            part = "test" if speaker == test_speaker else "val" if speaker == val_speaker else "train"
         clips.append(Clip(path, digit, speaker, part))
     if not clips:
         raise FileNotFoundError(f"{root / 'recordings'}: no FSDD wav files (task.dataset=fsdd)")
+    speakers = sorted({c.speaker for c in clips})
+    for setting, name in (("test_speaker", test_speaker), ("val_speaker", val_speaker)):
+        if split == "speaker" and name not in speakers:
+            raise ValueError(f"task.{setting}={name}: no such speaker in {root / 'recordings'} ({', '.join(speakers)})")
     return clips
 
 

@@ -65,6 +65,10 @@ def _folder_only(value, get):
     return None if value is None or get("dataset") == "folder" else "null unless task.dataset=folder"
 
 
+def _speaker(value, get):
+    return None if isinstance(value, str) and value else "a speaker's name"
+
+
 def _split_files(value):
     lists = isinstance(value, Mapping) and value and set(value) <= set(ds.SPLITS) and all(
         isinstance(v, str) for v in value.values())
@@ -80,6 +84,8 @@ class SpeechTask(Task):
         "download": flag(),
         "skip_bad_files": flag(),
         "split": choice("official", "speaker"),
+        "test_speaker": _speaker,
+        "val_speaker": _speaker,
         "speaker_pattern": lambda value, get: regex(1)(value, get) or _folder_only(value, get),
         "split_files": lambda value, get: _folder_only(value, get) or (
             "null when task.speaker_pattern is set (one or the other)" if value is not None
@@ -127,6 +133,8 @@ class SpeechTask(Task):
         download=False,
         vocabulary="12",
         split="official",
+        test_speaker="theo",
+        val_speaker="jackson",
         speaker_pattern=None,
         split_files=None,
         val_percent=10.0,
@@ -177,7 +185,7 @@ class SpeechTask(Task):
                 clips = ds.balance_gsc(clips, self.root, sample_rate, self.samples, unknown_percent, silence_percent)
             label_of = lambda word: ds.gsc_label(word, vocabulary)  # noqa: E731
         elif dataset == "fsdd":
-            clips, label_of = ds.fsdd(self.root, split), str
+            clips, label_of = ds.fsdd(self.root, split, test_speaker=test_speaker, val_speaker=val_speaker), str
         elif dataset == "folder":
             clips, self.split = ds.folder(self.root, val_percent, test_percent, speaker_pattern, split_files)
             label_of = str
