@@ -15,7 +15,8 @@ from predictive.harness.settings import SettingError, check_settings, show
 # Settings that name things (files, folders, classes, wandb projects), not numbers or choices.
 FREE_TEXT = {"_target_", "_partial_", "data_dir", "root", "file", "output_dir", "dirpath", "save_dir", "name",
              "version", "project", "entity", "group", "tags", "ckpt_path", "init_from", "split_files",
-             "set"}  # task.set: published | generated | a file
+             "set",  # task.set: published | generated | a file
+             "test_speaker", "val_speaker"}  # FSDD's voices, checked against the data set when it is read
 # What to try for a setting whose default is null (its type is not in the config).
 BAD_WHEN_NULL = {"records": 0, "f_max": -2, "frequency_bins": -2, "speaker_pattern": "no group"}
 WALKED = {"config": 9, "nab": 23, "sequence": 16, "speech": 41, "taxi": 19, "cnn": 4, "lstm": 2, "sparse_cnn": 13,
