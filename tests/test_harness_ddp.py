@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
-pytestmark = pytest.mark.slow  # each test starts processes and runs a stream in them
+pytestmark = [pytest.mark.slow,  # each test starts processes and runs a stream in them
+              pytest.mark.xdist_group("ddp")]  # one at a time: two process groups would share 2 cores 4 ways
 
 
 @pytest.mark.parametrize("learning", ["local", "backprop"])
