@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from predictive.harness.files import write_json
 from predictive.harness.module import PredictiveModule
@@ -26,14 +26,13 @@ from predictive.harness.resume import check_checkpoint
 from predictive.harness.settings import check_settings
 
 
-def evaluate(ckpt: str, overrides: list[str]) -> dict:
-    ckpt = Path(ckpt)
-    run_dir = ckpt.resolve().parent.parent
-    config = run_dir / ".hydra" / "config.yaml"
+def rebuild(ckpt: Path, out_dir: Path, overrides: list[str]) -> tuple[DictConfig, PredictiveModule]:
+    """The run's config (with `overrides`, its outputs under `out_dir`) and a module built from
+    it as the run built its own: task, model and learning rule (the weights are not loaded)."""
+    config = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"ckpt={ckpt}: need the run's config beside it, {config}")
     cfg = OmegaConf.load(config)
-    out_dir = run_dir / "evaluate"
     # The saved config refers to Hydra's run dir, which only exists inside a Hydra app.
     cfg.paths.output_dir = str(out_dir)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -46,6 +45,14 @@ def evaluate(ckpt: str, overrides: list[str]) -> dict:
     module = PredictiveModule(
         task, model, instantiate(cfg.learning.rule), instantiate(cfg.optimizer), cfg.learning.gradient_clip_val
     )
+    return cfg, module
+
+
+def evaluate(ckpt: str, overrides: list[str]) -> dict:
+    ckpt = Path(ckpt)
+    out_dir = ckpt.resolve().parent.parent / "evaluate"
+    cfg, module = rebuild(ckpt, out_dir, overrides)
+    task = module.task
     check_checkpoint(ckpt, module, setting="ckpt")  # the settings may differ (noise levels), the weights must fit
     trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(out_dir))
     trainer.test(module, datamodule=task.datamodule(), ckpt_path=str(ckpt))
