@@ -8,7 +8,7 @@ The run's config (RUN/.hydra/config.yaml) rebuilds task and model; each checkpoi
 (RUN/checkpoints/epoch=*.ckpt, in epoch order) runs the first `clips` validation clips without
 learning and without noise. For each layer, and for each checkpoint against the one before it
 and against the first, it prints the share of the active columns and of the active cells that
-stay active, frame by frame (|A and B| / |A|, summed over frames), and the cosine of what the
+stay active, frame by frame (|before and now| / |before|, summed over frames), and the cosine of what the
 head reads (the top layer's columns pooled over the head's segments). A model that does not
 learn scores 1 everywhere. Figures: docs/results.md, "Speech", "Depth".
 """
@@ -48,9 +48,9 @@ def codes(module: PredictiveModule, batches: list[dict]) -> tuple[list[torch.Ten
     return [c > 0 for c in cells], columns, torch.cat(pooled)
 
 
-def kept(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of b's active units (frames x units, bool) active in a too."""
-    return ((a & b).sum() / b.sum().clamp(min=1)).item()
+def kept(before: torch.Tensor, now: torch.Tensor) -> float:
+    """Share of the units active before (frames x units, bool) that are active now too."""
+    return ((before & now).sum() / before.sum().clamp(min=1)).item()
 
 
 def main():
