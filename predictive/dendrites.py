@@ -151,18 +151,23 @@ class DistalSegments(nn.Module):
         return self.overlaps(activity)[1]
 
     def overlaps(self, activity: torch.Tensor, potential: bool = True):
-        """(connected overlap, potential overlap or None), each (B, N, S), from one gather of
-        the activity at every synapse: the dominant cost of a step, so it is paid once."""
+        """(connected overlap, potential overlap or None), each (B, N, S). Without a gradient,
+        from one gather of the activity at every synapse (the dominant cost of a step, paid once
+        for both); with one, the gradient reaches the connected overlap alone, and the potential
+        one is a second pass outside the graph, so that backward (most of a gradient step's
+        time) skips it."""
         p, presynaptic, masks = self.permanence, self.presynaptic, self.synapse_masks()
-        if torch.is_grad_enabled() and (p.requires_grad or activity.requires_grad):
-            connected = straight_through(masks[0], p)
-            weights = torch.stack([connected, masks[1]]) if potential else connected.unsqueeze(0)
-            presynaptic = presynaptic.clone()  # saved for backward; growth may re-target it in place
-        else:
-            weights = masks[: 2 if potential else 1]
-        overlap = segment_overlap(activity, presynaptic, weights)
         shape = self.shape(activity)
-        return overlap[0].view(shape), overlap[1].detach().view(shape) if potential else None
+        if not (torch.is_grad_enabled() and (p.requires_grad or activity.requires_grad)):
+            overlap = segment_overlap(activity, presynaptic, masks[: 2 if potential else 1])
+            return overlap[0].view(shape), overlap[1].view(shape) if potential else None
+        weights = straight_through(masks[0], p).unsqueeze(0)
+        presynaptic_now = presynaptic.clone()  # saved for backward; growth may re-target it in place
+        connected = segment_overlap(activity, presynaptic_now, weights)[0].view(shape)
+        if not potential:
+            return connected, None
+        with torch.no_grad():
+            return connected, segment_overlap(activity, presynaptic, masks[1:2])[0].view(shape)
 
     @torch.no_grad()
     def synapse_masks(self, rows: torch.Tensor | None = None, since: int | None = None) -> torch.Tensor:

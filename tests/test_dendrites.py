@@ -60,14 +60,28 @@ def test_cached_synapse_masks_follow_every_change_of_the_permanences():
         assert torch.equal(seg.overlaps(activity)[0].flatten(), fresh()[0])
 
 
-def test_distal_overlap_is_differentiable_in_permanence_and_activity():
+@pytest.mark.parametrize("batch", [2, 8])  # both code paths (gather and embedding_bag)
+def test_distal_overlap_is_differentiable_in_permanence_and_activity(batch):
+    torch.manual_seed(0)
     seg = DistalSegments(num_cells=5, num_segments=2, synapses=4)
     with torch.no_grad():
         seg.permanence.uniform_(0.3, 0.8)
-    a = torch.rand(2, 5, requires_grad=True)
-    active = seg(a)
-    active.sum().backward()
-    assert seg.permanence.grad.abs().sum() > 0 and a.grad.abs().sum() > 0
+    a = torch.rand(batch, 5, requires_grad=True)
+    weight = torch.rand(batch, 5, 2)
+
+    def gradients(potential):
+        seg.permanence.grad, a.grad = None, None
+        active, pot = seg.overlaps(a, potential=potential)
+        (active * weight).sum().backward()
+        return seg.permanence.grad, a.grad, pot
+
+    p_grad, a_grad, _ = gradients(potential=False)
+    assert p_grad.abs().sum() > 0 and a_grad.abs().sum() > 0
+    # With the potential overlap beside it (the layer's step), the gradient is the same and the
+    # potential overlap carries none.
+    p_grad2, a_grad2, pot = gradients(potential=True)
+    assert torch.equal(p_grad2, p_grad) and torch.equal(a_grad2, a_grad)
+    assert not pot.requires_grad and pot.sum() > 0
 
 
 def test_bad_settings_name_the_setting():
