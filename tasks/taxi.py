@@ -144,7 +144,7 @@ class BucketHead(nn.Module):
         rate: float = 6.0,
         sigma: float = 1.0,
         mix: float = 0.3,
-        readout: str = "both",
+        readout: str = "columns",
         group: int = 1,
     ):
         super().__init__()
@@ -287,7 +287,7 @@ class TaxiTask(Task):
         rate=6.0,
         sigma=1.0,
         mix=0.3,
-        readout="both",
+        readout="columns",
         group=1,
     ):
         if file is None:
