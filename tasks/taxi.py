@@ -215,7 +215,7 @@ class BucketHead(nn.Module):
         q = soft_targets(bucket, self.weight.shape[1], self.sigma)
         norm = features.pow(2).sum(-1).clamp(min=1e-6)  # (B, n): |f|^2, the number of active units
         for t in range(features.shape[1]):
-            # The features are sparse (the active cells and columns): only their rows of the
+            # The features are sparse (active cells or columns): only their rows of the
             # weights are read and changed, not all of them.
             used = features[:, t].any(0).nonzero().squeeze(1)
             f = features[:, t].index_select(1, used)
