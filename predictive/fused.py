@@ -47,6 +47,7 @@ class Settings(NamedTuple):
     duty_cycle_period: int
     density: np.float32
     boost_strength_factor: np.float32
+    predicted_bias: np.float32  # TemporalMemory.predicted_bias
     new_synapses: int
     grow_predicted: bool
     connected_grace: int
@@ -215,7 +216,7 @@ def settings(layer: TemporalMemory, hebbian) -> Settings:
         connected_permanence=f32(layer.segments.connected_permanence), recall=bool(layer.recall),
         fresh_steps=int(layer.fresh_steps), start_cells=bool(layer.start_cells), training=bool(kw.training),
         duty_cycle_period=int(kw.duty_cycle_period), density=f32(kw.density),
-        boost_strength_factor=f32(kw.boost_strength_factor),
+        boost_strength_factor=f32(kw.boost_strength_factor), predicted_bias=f32(layer.predicted_bias),
         new_synapses=int(h.new_synapses), grow_predicted=bool(h.grow_predicted), connected_grace=int(h.connected_grace),
         permanence_increment=f32(h.permanence_increment), permanence_decrement=f32(h.permanence_decrement),
         predicted_decrement=f32(h.predicted_decrement), burst_decrement=f32(h.burst_decrement),
@@ -316,7 +317,7 @@ def chunk(cfg, inputs, state, layer, work, out, index):
         for b in range(inputs.reset.shape[0]):
             if inputs.reset[b, t]:
                 reset_stream(state, b)
-        kwinners(cfg, inputs.scores[:, t], boosting, step.columns, work.ranking)
+        kwinners(cfg, inputs.scores[:, t], state.predicted, boosting, step.columns, work.ranking)
         activate(cfg, state, step)
         choose_winners(cfg, state, step, inputs.noise[t, 0], learning.used)
         if cfg.learn:  # PredictiveHebbian.__call__: the segments, then the decoder.
@@ -341,17 +342,22 @@ def reset_stream(state, b):
 
 
 @numba.njit(cache=True)
-def kwinners(cfg, scores, boosting, columns, ranking):
-    """`KWinners.winners`: the `k_select` largest boosted scores (B, C) of each stream, ties
-    by lowest index, into `columns`; in training mode the duty cycles follow."""
+def kwinners(cfg, scores, predicted, boosting, columns, ranking):
+    """`KWinners.winners` of `TemporalMemory.biased`: the `k_select` largest boosted scores (B, C)
+    of each stream, those of the columns `predicted` (B, N) raised first, ties by lowest index,
+    into `columns`; in training mode the duty cycles follow."""
     b_len, c_len = scores.shape
-    k, duty, boost = cfg.k_select, boosting.duty_cycle, boosting.boost_strength
+    k, m, duty, boost = cfg.k_select, cfg.cells_per_column, boosting.duty_cycle, boosting.boost_strength
     factors, boosted = ranking.factors, ranking.boosted
     for c in range(c_len):
         factors[c] = np.float32(np.exp(np.float32((cfg.density - duty[c]) * boost[0])))
     for b in range(b_len):
+        bias = np.float32(cfg.predicted_bias * spread(scores[b])) if cfg.predicted_bias else np.float32(0.0)
         for c in range(c_len):
-            boosted[c] = scores[b, c] * factors[c]
+            score = scores[b, c]
+            if bias and predicted[b, c * m:(c + 1) * m].max() > 0:
+                score = score + bias
+            boosted[c] = score * factors[c]
         # The k largest: every score above the k-th, then ties at it by lowest index.
         kth = kth_smallest(boosted, c_len - k, ranking.scratch)
         taken = 0
@@ -364,6 +370,19 @@ def kwinners(cfg, scores, boosting, columns, ranking):
                 taken += 1
     if cfg.training:
         update_duty_cycle(cfg, columns, boosting)
+
+
+@numba.njit(cache=True)
+def spread(scores):
+    """The standard deviation of one stream's scores (C,), in float64, as float32."""
+    mean = 0.0
+    for value in scores:
+        mean += np.float64(value)
+    mean /= scores.shape[0]
+    variance = 0.0
+    for value in scores:
+        variance += (np.float64(value) - mean) ** 2
+    return np.float32(np.sqrt(variance / scores.shape[0]))
 
 
 @numba.njit(cache=True)

@@ -105,6 +105,11 @@ class TemporalMemory(nn.Module):
         connected_permanence: permanence at which a synapse counts as connected.
         feedforward_sparsity: fraction of zero weights in each column's feedforward map.
         boost_strength: homeostatic boosting of column selection (0: off).
+        predicted_bias: a column the layer predicted for this step (one of its cells is
+            predicted) ranks in the k-WTA with its score raised by this many standard deviations
+            of the step's column scores: the temporal context moves the column code, and so
+            what a head on the columns reads. 0: off. A layer that predicts nothing (frozen at
+            its initialisation) is unaffected.
         duty_cycle_period: horizon of the column duty cycles used by boosting.
         sharpness: slope of the soft threshold that carries gradients in backprop mode.
         first_order_fallback: an unpredicted column fires the cells that any cell of the last
@@ -161,6 +166,7 @@ class TemporalMemory(nn.Module):
         start_cells: bool = True,
         initial_segments: str = "empty",
         proximal_ahead: int = 0,
+        predicted_bias: float = 0.0,
     ):
         super().__init__()
         check_positive(input_size=input_size, columns=columns, cells=cells, segments=segments, synapses=synapses)
@@ -189,6 +195,9 @@ class TemporalMemory(nn.Module):
         if isinstance(proximal_ahead, bool) or not isinstance(proximal_ahead, int) or proximal_ahead < 0:
             raise ValueError(f"proximal_ahead must be an integer >= 0, got {proximal_ahead!r}")
         self.proximal_ahead = proximal_ahead
+        if isinstance(predicted_bias, bool) or not isinstance(predicted_bias, (int, float)) or not predicted_bias >= 0:
+            raise ValueError(f"predicted_bias must be a number >= 0, got {predicted_bias!r}")
+        self.predicted_bias = float(predicted_bias)
         self.feedforward = SparseLinear(input_size, columns, sparsity=feedforward_sparsity, bias=False)
         self.kwinners = KWinners(columns, self.k, boost_strength=boost_strength, duty_cycle_period=duty_cycle_period)
         self.segments = DistalSegments(columns * cells, segments, synapses, connected_permanence=connected_permanence)
@@ -259,7 +268,7 @@ class TemporalMemory(nn.Module):
     def activate(self, x: torch.Tensor, state: LayerState) -> LayerStep:
         b, c, m = x.shape[0], self.columns, self.cells_per_column
         scores = self.column_scores(x)  # (B, C)
-        columns = self.kwinners.winners(scores)
+        columns = self.kwinners.winners(self.biased(scores, state))
         column_gate = straight_through(columns.to(x.dtype), self.column_gradient(scores, columns))
         predicted = state.predicted.view(b, c, m)
         # In a column that a known context predicts, only predicted cells that the context
@@ -282,6 +291,17 @@ class TemporalMemory(nn.Module):
         hits = (columns & ~bursting).sum(-1)
         anomaly = 1.0 - hits.to(x.dtype) / self.k
         return LayerStep(x, state, columns, bursting, novel, cells.view(b, -1), winners, matched, anomaly, start)
+
+    def biased(self, scores: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """The scores (B, C) the k-WTA ranks: those of the columns predicted for this step
+        raised by `predicted_bias` standard deviations of each stream's scores (computed in
+        float64, as the compiled steps do, so both round to the same float32)."""
+        if not self.predicted_bias:
+            return scores
+        b, c, m = scores.shape[0], self.columns, self.cells_per_column
+        predicted = state.predicted.detach().view(b, c, m).amax(-1) > 0
+        spread = scores.detach().double().std(-1, correction=0, keepdim=True).float()
+        return scores.detach() + (self.predicted_bias * spread) * predicted
 
     def column_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., C): each column's feedforward score of the input (less its mean,
@@ -487,5 +507,6 @@ class TemporalMemory(nn.Module):
             f"active_columns={self.k}, activation_threshold={self.activation_threshold}, "
             f"matching_threshold={self.matching_threshold}, recall={self.recall}, fresh_steps={self.fresh_steps}, "
             f"start_cells={self.start_cells}, "
-            f"initial_segments={self.initial_segments!r}, proximal_ahead={self.proximal_ahead}"
+            f"initial_segments={self.initial_segments!r}, proximal_ahead={self.proximal_ahead}, "
+            f"predicted_bias={self.predicted_bias:g}"
         )

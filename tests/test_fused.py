@@ -127,6 +127,7 @@ def case(seed: int) -> dict:
         segments=r.choice([1, 2, 3]), synapses=synapses, activation_threshold=r.randint(1, context),
         matching_threshold=r.randint(1, context), connected_permanence=r.choice([0.5, 0.3]),
         boost_strength=r.choice([0.0, 0.5]), recall=r.random() < 0.6, fresh_steps=r.choice([0, 4, 300]),
+        predicted_bias=r.choice([0.0, 1.0]),
     )
     rule = dict(
         new_synapses=new_synapses, connected_grace=r.choice([0, 2, 30]), decoder_code_rate=r.choice([0.0, 0.5]),
@@ -187,8 +188,8 @@ def torch_layers(stack: PredictiveStack, rule, x: torch.Tensor, state: dict, res
 
 def test_the_cases_cover_every_setting():
     cases = [{**c["layer"], **c["rule"], **c} for c in map(case, range(CASES))]
-    for name in ("recall", "fresh_steps", "boost_strength", "connected_permanence", "segments", "synapses",
-                 "activation_threshold", "matching_threshold", "connected_grace", "decoder_code_rate",
+    for name in ("recall", "fresh_steps", "boost_strength", "predicted_bias", "connected_permanence", "segments",
+                 "synapses", "activation_threshold", "matching_threshold", "connected_grace", "decoder_code_rate",
                  "decoder_bias", "grow_predicted", "burst_decrement", "batch", "layers", "evaluate", "fixed_shapes"):
         assert len({c[name] for c in cases}) > 1, name
     assert {c["fresh_steps"] > 0 for c in cases} == {c["connected_grace"] > 0 for c in cases} == {False, True}

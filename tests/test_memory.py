@@ -190,6 +190,7 @@ def test_local_mode_memory_does_not_grow_with_chunk_length_but_bptt_does():
         (dict(first_order_fallback=1), "first_order_fallback must be true or false"),
         (dict(fresh_steps=-1), "fresh_steps must be an integer >= 0"),
         (dict(fresh_steps=1.5), "fresh_steps must be an integer >= 0"),
+        (dict(predicted_bias=-0.5), "predicted_bias must be a number >= 0"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(settings, name):
@@ -320,6 +321,29 @@ def test_a_step_that_nothing_predicted_starts_on_its_columns_first_cells(fused, 
     presynaptic = seg.presynaptic[grown][seg.permanence[grown] > 0]
     assert len(presynaptic) == 8 * 6  # a segment on each of symbol 1's 8 winners, towards symbol 0's
     assert (presynaptic % 4 == 0).all().item() is start_cells
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("bias", [0.0, 1.0])
+def test_a_predicted_column_ranks_with_its_raised_score(fused, bias):
+    # The first column outside the k-WTA, one of whose cells is predicted: a bias of one
+    # standard deviation of the scores lifts it past the k-th (the gap is smaller), and it
+    # fires its predicted cell; without a bias it stays out.
+    torch.manual_seed(0)
+    stack = PredictiveStack(48, 1, **SMALL, predicted_bias=bias)
+    layer, x = stack.layers[0], stream([0], 1)
+    scores = layer.column_scores(x[0, :1])[0].detach()
+    order = scores.sort(descending=True).indices
+    first_out, kth = int(order[8]), int(order[7])
+    assert scores[kth] - scores[first_out] < scores.std(correction=0)
+    state = stack.initial_state(1)
+    state["0.predicted"][0, first_out * 4 + 1] = 1.0
+    out, _ = stack(x, state, learning=build("local", new_synapses=6, fused=fused))
+    columns = out.cells[0, 0].view(64, 4).amax(-1) > 0
+    assert columns.sum() == 8
+    assert bool(columns[first_out]) is bool(bias)
+    assert bool(columns[kth]) is not bool(bias)  # the lowest winner made room
+    assert out.anomaly[0, 0].item() == (1.0 - 1 / 8 if bias else 1.0)
 
 
 @pytest.mark.parametrize("fused", [False, True])

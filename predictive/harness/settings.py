@@ -183,6 +183,7 @@ LAYER = {
     "connected_permanence": number(0, 1, low_open=True, high_open=True),
     "feedforward_sparsity": number(0, 1, high_open=True),
     "boost_strength": number(0),
+    "predicted_bias": number(0),
     "sharpness": number(0, low_open=True),
     "soft_kwta": number(0),
     "fresh_steps": number(0, integer=True),
