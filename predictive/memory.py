@@ -298,8 +298,7 @@ class TemporalMemory(nn.Module):
         float64, as the compiled steps do, so both round to the same float32)."""
         if not self.predicted_bias:
             return scores
-        b, c, m = scores.shape[0], self.columns, self.cells_per_column
-        predicted = state.predicted.detach().view(b, c, m).amax(-1) > 0
+        predicted = column_activity(state.predicted.detach(), self.cells_per_column) > 0
         spread = scores.detach().double().std(-1, correction=0, keepdim=True).float()
         return scores.detach() + (self.predicted_bias * spread) * predicted
 
